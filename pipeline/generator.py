@@ -1,0 +1,105 @@
+"""The video stage: text embeddings + parameters -> frames, under a memory policy.
+
+This is what a GPU replica holds. Text encoding is a separate stage (`pipeline.text`), so the
+caller passes real-token embeddings and this module pads them to the DiT's 512-token context.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.loading import ModelSource, load_transformer, load_vae
+from pipeline.memory import MemoryPolicy, PlacedModels
+from pipeline.params import GenerationParams
+from pipeline.sampler import CancelCheck, DenoiseRequest, ProgressCallback, denoise
+from pipeline.text import pad_context
+from pipeline.video import decode_latents
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # uint8 [F, H, W, 3]
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    peak_gpu_bytes: int | None = None
+
+
+class VideoModel:
+    """DiT + VAE placed by a memory policy; `generate` is one video."""
+
+    def __init__(self, transformer, vae, device: torch.device, policy: MemoryPolicy = MemoryPolicy.RESIDENT):
+        self.models = PlacedModels(transformer, vae, device, policy)
+        self.device = device
+
+    @classmethod
+    def load(
+        cls,
+        source: ModelSource,
+        device: torch.device,
+        policy: MemoryPolicy = MemoryPolicy.RESIDENT,
+        vae_dtype: torch.dtype = torch.float32,
+    ) -> VideoModel:
+        dit_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        started = time.perf_counter()
+        model = cls(load_transformer(source, dit_dtype), load_vae(source, vae_dtype), device, policy)
+        log.info("loaded DiT (%s) + VAE (%s) from %s in %.1fs", dit_dtype, vae_dtype, source.folder, time.perf_counter() - started)
+        return model
+
+    @property
+    def policy(self) -> MemoryPolicy:
+        return self.models.policy
+
+    @property
+    def text_dim(self) -> int:
+        return self.models.transformer.config.text_dim
+
+    def generate(
+        self,
+        params: GenerationParams,
+        context: torch.Tensor,
+        negative_context: torch.Tensor,
+        on_progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        """`context` / `negative_context`: real-token embeddings [n, text_dim]; `params.seed` must be concrete."""
+        if params.seed < 0:
+            raise ValueError("generate() needs a concrete seed; call params.with_seed() first")
+        for name, embeds in (("context", context), ("negative_context", negative_context)):
+            if embeds.ndim != 2 or embeds.shape[1] != self.text_dim:
+                raise ValueError(f"{name} must be [n_tokens, {self.text_dim}], got {list(embeds.shape)}")
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        request = DenoiseRequest(
+            context=pad_context(context).unsqueeze(0),
+            negative_context=pad_context(negative_context).unsqueeze(0),
+            frame_num=params.frame_num,
+            height=params.height,
+            width=params.width,
+            steps=params.sample_steps,
+            shift=params.sample_shift,
+            guide_scale=params.sample_guide_scale,
+            seed=params.seed,
+        )
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        with self.models.denoising():
+            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel)
+        timings["denoise"] = time.perf_counter() - started
+
+        if on_progress is not None:
+            on_progress("decode", 0, 1)
+        started = time.perf_counter()
+        frames = decode_latents(self.models.vae, latents)
+        timings["decode"] = time.perf_counter() - started
+        if on_progress is not None:
+            on_progress("decode", 1, 1)
+        peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
+        return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak)

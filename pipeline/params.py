@@ -1,0 +1,131 @@
+"""Generation parameters: the seed document's names, defaults and ranges, validated in one place.
+
+Every layer (CLI, gateway, web page) validates through `GenerationParams`, so a bad value gets the
+same message everywhere: the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# The official Wan2.1 default negative prompt (wan/configs/shared_config.py), verbatim.
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+# "width*height", as the official SIZE_CONFIGS spells them; the first is the default.
+SIZES: dict[str, tuple[int, int]] = {
+    "832*480": (832, 480),
+    "480*832": (480, 832),
+    "624*624": (624, 624),
+    "704*544": (704, 544),
+    "544*704": (544, 704),
+}
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**63 - 1
+
+# What each field accepts, in words; every rejection quotes it.
+ALLOWED: dict[str, str] = {
+    "prompt": f"a non-blank string of at most {MAX_PROMPT_CHARS} characters",
+    "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters (empty = the official default)",
+    "size": "one of " + ", ".join(SIZES) + " ('x' may replace '*')",
+    "frame_num": "an integer 4n+1 from 5 to 121 (5, 9, 13, …, 81, …, 121)",
+    "sample_steps": "an integer from 1 to 100",
+    "sample_guide_scale": "a number from 0 to 20 (recommended 4–10)",
+    "sample_shift": "a number above 0 and at most 20 (recommended 4–12)",
+    "seed": f"-1 (draw one) or an integer from 0 to {MAX_SEED}",
+    "offload_model": "true or false",
+    "t5_cpu": "true or false",
+}
+
+
+class GenerationParams(BaseModel):
+    """One text-to-video request, with the official Wan2.1 defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    size: str = "832*480"
+    frame_num: int = Field(default=81, ge=5, le=121)
+    sample_steps: int = Field(default=50, ge=1, le=100)
+    sample_guide_scale: float = Field(default=6.0, ge=0.0, le=20.0)
+    sample_shift: float = Field(default=8.0, gt=0.0, le=20.0)
+    seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    # None = "whatever the serving side decides" (the replica's memory policy, the deployed encoder).
+    offload_model: bool | None = None
+    t5_cpu: bool | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _known_size(cls, value: Any) -> str:
+        normalised = str(value).strip().lower().replace("x", "*").replace("×", "*")
+        if normalised not in SIZES:
+            raise ValueError("unknown size")
+        return normalised
+
+    @field_validator("frame_num")
+    @classmethod
+    def _four_n_plus_one(cls, value: int) -> int:
+        if (value - 1) % 4:
+            raise ValueError("must be of the form 4n+1")
+        return value
+
+    @property
+    def width(self) -> int:
+        return SIZES[self.size][0]
+
+    @property
+    def height(self) -> int:
+        return SIZES[self.size][1]
+
+    @property
+    def effective_negative_prompt(self) -> str:
+        return self.negative_prompt if self.negative_prompt.strip() else DEFAULT_NEGATIVE_PROMPT
+
+    def with_seed(self) -> GenerationParams:
+        """A copy whose seed is concrete: -1 becomes a freshly drawn one, reported back to the user."""
+        if self.seed >= 0:
+            return self
+        return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+
+
+def field_errors(error: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors as {field, value, message}; each message names field, value and allowed range."""
+    out = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"]) or "body"
+        given = item.get("input")
+        reason = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = f"{field}: required; allowed: {ALLOWED.get(field, 'see the API docs')}"
+        elif item["type"] == "extra_forbidden":
+            message = f"{field}: unknown field; known fields: {', '.join(GenerationParams.model_fields)}"
+        else:
+            shown = given if not isinstance(given, str) or len(given) <= 80 else given[:77] + "..."
+            message = f"{field}: {reason} (got {shown!r}); allowed: {ALLOWED.get(field, 'see the API docs')}"
+        out.append({"field": field, "value": _jsonable(given), "message": message})
+    return out
+
+
+def describe_errors(error: ValidationError) -> str:
+    return "; ".join(item["message"] for item in field_errors(error))
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value if not isinstance(value, str) or len(value) <= 200 else value[:200]
+    return repr(value)[:200]
