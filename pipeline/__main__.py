@@ -1,0 +1,166 @@
+"""`python -m pipeline`: one video from the command line, with the official Wan2.1 `generate.py` flags.
+
+    python -m pipeline --model demo --prompt "a red fox in snow" --size 832*480 --frame_num 17 \
+        --sample_steps 4 --base_seed 7 --save_file fox.mp4
+
+Flags are checked by `GenerationParams` before torch and diffusers are imported, so a bad value
+fails in a fraction of a second with the same message the HTTP API gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from pipeline.params import ALLOWED, GenerationParams, describe_errors
+
+DEMO_BANNER = "DEMO MODEL: random weights, not Wan2.1. The video will be noise; use --ckpt_dir for real output."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The official flags; generation values stay strings here so `GenerationParams` converts and checks them."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Wan2.1 T2V-1.3B: text to an MP4.")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--ckpt_dir", help="a Wan2.1-T2V-1.3B folder (original or diffusers layout)")
+    model.add_argument(
+        "--model",
+        default="auto",
+        help="auto (./Wan2.1-T2V-1.3B*, $WAN_CKPT_DIR, the hub cache; never the demo), demo, or a hub id",
+    )
+    gen = parser.add_argument_group("generation", "defaults are the official Wan2.1 ones")
+    gen.add_argument("--prompt", help=ALLOWED["prompt"])
+    gen.add_argument("--negative_prompt", help=ALLOWED["negative_prompt"])
+    gen.add_argument("--size", help=_with_default("size"))
+    gen.add_argument("--frame_num", help=_with_default("frame_num"))
+    gen.add_argument("--sample_steps", help=_with_default("sample_steps"))
+    gen.add_argument("--sample_shift", help=_with_default("sample_shift"))
+    gen.add_argument("--sample_guide_scale", help=_with_default("sample_guide_scale"))
+    gen.add_argument("--base_seed", dest="seed", help=_with_default("seed"))
+    run = parser.add_argument_group("placement")
+    run.add_argument(
+        "--offload_model",
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="keep the DiT on the CPU except while it denoises (default: true)",
+    )
+    run.add_argument(
+        "--t5_cpu",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BOOL",
+        help="run the umT5 text encoder on the CPU instead of the generation device (default: false)",
+    )
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when present")
+    run.add_argument("--vae_dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--save_file", help="output MP4 (default: t2v-1.3B_<size>_<prompt>_<time>.mp4 in the cwd)")
+    return parser
+
+
+def _with_default(field: str) -> str:
+    return f"{ALLOWED[field]} (default: {GenerationParams.model_fields[field].default})"
+
+
+def params_from_args(args: argparse.Namespace) -> GenerationParams:
+    """The flags that were given, validated; absent ones take `GenerationParams`' defaults."""
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    return GenerationParams(**{name: given[name] for name in GenerationParams.model_fields if name in given})
+
+
+def default_save_file(params: GenerationParams, now: datetime | None = None) -> Path:
+    """The official generate.py's name, in the cwd, with `x` for `*` so the name is safe to type in a shell."""
+    prompt = params.prompt.replace(" ", "_").replace("/", "_")[:50]
+    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    return Path(f"t2v-1.3B_{params.size.replace('*', 'x')}_{prompt}_{stamp}.mp4")
+
+
+class PhaseProgress:
+    """A tqdm bar on stderr per phase (denoise, decode), fed by `VideoModel.generate`'s on_progress."""
+
+    def __init__(self):
+        self.phase: str | None = None
+        self.bar = None
+
+    def __call__(self, phase: str, step: int, total: int) -> None:
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=total, desc=phase, unit="step", file=sys.stderr)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> PhaseProgress:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        params = params_from_args(args).with_seed()
+    except ValidationError as error:
+        parser.error(describe_errors(error))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    # Imported only once the flags are known good: torch + diffusers take seconds to import.
+    import torch
+
+    from pipeline.generator import VideoModel
+    from pipeline.loading import (
+        ModelNotFound,
+        default_text_dtype,
+        load_text_encoder,
+        local_source,
+        parse_dtype,
+        resolve_device,
+        resolve_model_source,
+    )
+    from pipeline.memory import MemoryPolicy
+    from pipeline.text import PromptEncoder
+    from pipeline.video import write_mp4
+
+    try:
+        if args.ckpt_dir:
+            source = local_source(Path(args.ckpt_dir), "--ckpt_dir")
+        else:
+            source = resolve_model_source(args.model, allow_demo=args.model == "demo")
+    except ModelNotFound as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if source.is_demo:
+        print(f"\n{'!' * 100}\n!!! {DEMO_BANNER}\n{'!' * 100}\n", file=sys.stderr)
+    print(f"seed: {params.seed}", flush=True)
+
+    device = resolve_device(args.device)
+    text_device = torch.device("cpu") if params.t5_cpu else device
+    tokenizer, encoder = load_text_encoder(source, text_device, default_text_dtype(source, text_device))
+    prompts = PromptEncoder(tokenizer, encoder, text_device)
+    context, negative_context = prompts.encode([params.prompt, params.effective_negative_prompt])
+    del tokenizer, encoder, prompts  # freed before the DiT loads: peak memory holds one stage, not both
+
+    policy = MemoryPolicy.from_offload_flag(params.offload_model)
+    model = VideoModel.load(source, device, policy, parse_dtype(args.vae_dtype))
+    with PhaseProgress() as progress:
+        result = model.generate(params, context, negative_context, on_progress=progress)
+    path = write_mp4(result.frames, args.save_file or default_save_file(params))
+    timings = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in result.timings.items())
+    print(f"saved: {path} ({len(result.frames)} frames, {params.size}, seed {params.seed}; {timings})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
