@@ -91,8 +91,7 @@ def local_source(folder: Path, origin: str) -> ModelSource:
 
 def hub_source(repo_id: str) -> ModelSource:
     """A hub repo, from the local cache first; online only when HF_HUB_OFFLINE is unset, and quickly."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import is_offline_mode
+    from huggingface_hub import is_offline_mode, snapshot_download
 
     try:
         folder = snapshot_download(repo_id, local_files_only=True)
@@ -158,6 +157,11 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}; allowed: {', '.join(dtypes)}")
     return dtypes[name]
+
+
+def default_text_dtype(source: ModelSource, device: torch.device) -> torch.dtype:
+    """bf16 for real umT5-XXL (5.7B parameters: fp32 would need 23 GB of RAM), fp32 for the tiny demo."""
+    return torch.float32 if source.is_demo else torch.bfloat16
 
 
 def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dtype):

@@ -66,6 +66,17 @@ class PlacedModels:
             self.vae.enable_tiling()
         log.info("memory policy %s on %s", self.policy.value, self.device)
 
+    def switch(self, policy: MemoryPolicy) -> None:
+        """Change between resident and offload between jobs (a request's honoured offload_model).
+
+        `stream` installs hooks at load time, so a stream replica keeps its policy.
+        """
+        policy = MemoryPolicy(policy)
+        if policy is self.policy or MemoryPolicy.STREAM in (policy, self.policy):
+            return
+        self.policy = policy
+        self._place()
+
     @contextlib.contextmanager
     def denoising(self) -> Iterator[None]:
         """Bring the DiT where it computes for the duration of the denoising loop."""

@@ -103,26 +103,29 @@ class GenerationParams(BaseModel):
         return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
 
 
-def field_errors(error: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic errors as {field, value, message}; each message names field, value and allowed range."""
+def field_errors(error: ValidationError, allowed: dict[str, str] = ALLOWED) -> list[dict[str, Any]]:
+    """Pydantic errors as {field, value, message}; each message names field, value and allowed range.
+
+    `allowed` maps each known field to what it accepts; callers with extra fields pass their own.
+    """
     out = []
     for item in error.errors(include_url=False):
         field = ".".join(str(part) for part in item["loc"]) or "body"
         given = item.get("input")
         reason = item["msg"].removeprefix("Value error, ")
         if item["type"] == "missing":
-            message = f"{field}: required; allowed: {ALLOWED.get(field, 'see the API docs')}"
+            message = f"{field}: required; allowed: {allowed.get(field, 'see the API docs')}"
         elif item["type"] == "extra_forbidden":
-            message = f"{field}: unknown field; known fields: {', '.join(GenerationParams.model_fields)}"
+            message = f"{field}: unknown field; known fields: {', '.join(allowed)}"
         else:
             shown = given if not isinstance(given, str) or len(given) <= 80 else given[:77] + "..."
-            message = f"{field}: {reason} (got {shown!r}); allowed: {ALLOWED.get(field, 'see the API docs')}"
+            message = f"{field}: {reason} (got {shown!r}); allowed: {allowed.get(field, 'see the API docs')}"
         out.append({"field": field, "value": _jsonable(given), "message": message})
     return out
 
 
-def describe_errors(error: ValidationError) -> str:
-    return "; ".join(item["message"] for item in field_errors(error))
+def describe_errors(error: ValidationError, allowed: dict[str, str] = ALLOWED) -> str:
+    return "; ".join(item["message"] for item in field_errors(error, allowed))
 
 
 def _jsonable(value: Any) -> Any:

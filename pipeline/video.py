@@ -32,30 +32,34 @@ def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: int = FPS) -> Path:
     """Encode uint8 frames [F, H, W, 3] to `path` atomically; returns the final path."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        # ffmpeg would take any bytes and cut them into frames: RGBA or float input gives a wrong video.
+        raise ValueError(f"frames must be uint8 [F, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_frames, height, width, _ = frames.shape
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
     os.close(fd)
+    writer = imageio_ffmpeg.write_frames(  # a generator: ffmpeg starts at the first send
+        tmp_name,
+        (width, height),
+        fps=fps,
+        codec="libx264",
+        pix_fmt_in="rgb24",
+        pix_fmt_out="yuv420p",
+        quality=8,
+        macro_block_size=16,
+        output_params=["-movflags", "+faststart"],
+        ffmpeg_log_level="error",
+    )
     try:
-        writer = imageio_ffmpeg.write_frames(
-            tmp_name,
-            (width, height),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p",
-            quality=8,
-            macro_block_size=16,
-            output_params=["-movflags", "+faststart"],
-            ffmpeg_log_level="error",
-        )
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame))
         writer.close()
         os.replace(tmp_name, path)
     except BaseException:
+        writer.close()  # stop ffmpeg first: a running one can create the temp file again after the unlink
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path

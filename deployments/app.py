@@ -1,0 +1,147 @@
+"""The application builder: one validated args model -> the three-stage Ray Serve graph.
+
+`serve run serve_config.yaml` calls `build` with the YAML's `args`. Unknown keys are an error naming
+the key (Ray itself would silently drop them).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from deployments.gateway import Gateway
+from deployments.generator import VideoGenerator
+from deployments.precedence import ParamOverrides
+from deployments.text_encoder import TextEncoder
+from pipeline.loading import resolve_model_source
+from pipeline.memory import MemoryPolicy
+
+log = logging.getLogger("wan_t2v.app")
+
+DEMO_BANNER = (
+    "\n" + "!" * 78 + "\n!! SERVING THE BUILT-IN DEMO MODEL: tiny random weights, NOT Wan2.1. Videos are noise.\n"
+    "!! Put a checkpoint at ./Wan2.1-T2V-1.3B or set WAN_CKPT_DIR / args.model for real output.\n" + "!" * 78
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextEncoderOptions(Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    cache_size: int = Field(default=256, ge=0)
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+
+
+class GeneratorOptions(Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    gpus_per_replica: Literal["auto"] | float = "auto"
+    num_cpus: float = Field(default=1.0, ge=0)
+    memory_policy: MemoryPolicy = MemoryPolicy.RESIDENT
+    honor_request_offload: bool = False
+    vae_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class GatewayOptions(Strict):
+    num_replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+
+
+class OutputLimits(Strict):
+    max_frame_num: int = Field(default=121, ge=5, le=121)
+    max_sample_steps: int = Field(default=100, ge=1, le=100)
+
+
+class AppArgs(Strict):
+    model: str = "auto"
+    allow_demo: bool = False
+    model_cache_dir: str | None = None
+    cpu_text_encoder: TextEncoderOptions | None = TextEncoderOptions()
+    gpu_text_encoder: TextEncoderOptions | None = None
+    generator: GeneratorOptions = GeneratorOptions()
+    gateway: GatewayOptions = GatewayOptions()
+    pins: ParamOverrides = ParamOverrides()
+    defaults: ParamOverrides = ParamOverrides()
+    limits: OutputLimits = OutputLimits()
+    output_dir: str = "outputs"
+    max_pending_jobs: int = Field(default=64, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_encoder_at_least(self) -> AppArgs:
+        if self.cpu_text_encoder is None and self.gpu_text_encoder is None:
+            raise ValueError("deploy at least one of cpu_text_encoder and gpu_text_encoder")
+        return self
+
+
+def cluster_gpus() -> float:
+    return ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
+
+
+def generator_gpus(option: Literal["auto"] | float) -> float:
+    """`auto`: one GPU per replica where the cluster has GPUs, else the CPU, loudly."""
+    if option != "auto":
+        return float(option)
+    if cluster_gpus() >= 1:
+        return 1.0
+    log.warning("No GPU in the Ray cluster: the VideoGenerator runs on the CPU (very slow for real weights)")
+    return 0.0
+
+
+def build(args: AppArgs) -> serve.Application:
+    if isinstance(args, dict):  # called directly rather than by Ray's typed builder
+        args = AppArgs(**args)
+    source = resolve_model_source(args.model, allow_demo=args.allow_demo, cache_dir=args.model_cache_dir)
+    if source.is_demo:
+        log.warning(DEMO_BANNER)
+        print(DEMO_BANNER, flush=True)
+    else:
+        log.info("serving %s from %s (%s)", source.model_id, source.folder, source.origin)
+
+    encoders = {}
+    for placement, options, gpus in (("cpu", args.cpu_text_encoder, 0.0), ("gpu", args.gpu_text_encoder, 1.0)):
+        if options is None:
+            continue
+        encoders[placement] = TextEncoder.options(
+            name=f"TextEncoder{placement.upper()}",
+            num_replicas=options.num_replicas,
+            ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": gpus},
+        ).bind(source, placement, options.model_dump())
+
+    gen = args.generator
+    # A pinned offload_model is the operator's word on the replica's memory policy.
+    policy = gen.memory_policy
+    if args.pins.offload_model is not None and policy is not MemoryPolicy.STREAM:
+        policy = MemoryPolicy.from_offload_flag(args.pins.offload_model)
+    gpus = generator_gpus(gen.gpus_per_replica)
+    scaling = {"autoscaling_config": gen.autoscaling_config} if gen.autoscaling_config else {"num_replicas": gen.num_replicas}
+    generator = VideoGenerator.options(
+        ray_actor_options={"num_cpus": gen.num_cpus, "num_gpus": gpus}, **scaling
+    ).bind(source, "cuda" if gpus > 0 else "cpu", policy.value, gen.vae_dtype, gen.honor_request_offload)
+
+    max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)
+    settings = {
+        "model": source.describe(),
+        "pins": args.pins.given(),
+        "defaults": args.defaults.given(),
+        "limits": args.limits.model_dump(),
+        "output_dir": str(Path(args.output_dir).expanduser().resolve()),
+        "max_pending_jobs": args.max_pending_jobs,
+        "lease_seconds": args.lease_seconds,
+        "concurrent_jobs": max_generators,
+        "memory_policy": policy.value,
+        "honor_request_offload": gen.honor_request_offload,
+    }
+    return Gateway.options(
+        num_replicas=args.gateway.num_replicas, ray_actor_options={"num_cpus": args.gateway.num_cpus}
+    ).bind(encoders.get("cpu"), encoders.get("gpu"), generator, settings)

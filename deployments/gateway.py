@@ -1,0 +1,471 @@
+"""Gateway deployment: the FastAPI ingress that maps each request onto the two model stages.
+
+Request path, in one direction: validate -> precedence -> job store -> runner -> text encoder
+handle -> generator handle (streamed progress) -> files + job store. Jobs are durable rows, so the
+asynchronous API, the synchronous endpoint, the web page and the CLI all share one machinery.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+from ray import serve
+
+from deployments.jobs import JOB_ID, JobStore, QueueFull, new_job_id
+from deployments.precedence import ParamOverrides, resolve
+from deployments.protocol import (
+    ALLOWED_REQUEST,
+    TERMINAL_STATUSES,
+    ErrorBody,
+    ModelCard,
+    VideoCreateRequest,
+    VideoJob,
+    VideoList,
+)
+from pipeline.params import SIZES, field_errors
+
+log = logging.getLogger("ray.serve")
+
+WEB_DIR = Path(__file__).parent / "web"
+PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, fields: list[dict] | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.fields, self.headers = status, code, message, fields or [], headers
+
+
+def error_response(status: int, code: str, message: str, fields: list[dict] | None = None, headers: dict | None = None):
+    body = ErrorBody(code=code, message=message, fields=fields or [])
+    return JSONResponse(status_code=status, content={"error": body.model_dump()}, headers=headers)
+
+
+app = FastAPI(title="wan-t2v-serve", version="0.1.0", description="Wan2.1 T2V-1.3B text-to-video")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, error: ApiError):
+    return error_response(error.status, error.code, error.message, error.fields, error.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _query_error(_: Request, error: RequestValidationError):
+    fields = []
+    for item in error.errors():
+        name = ".".join(str(part) for part in item["loc"][1:]) or str(item["loc"][0])
+        fields.append({"field": name, "value": None, "message": f"{name}: {item['msg']}"})
+    return error_response(422, "invalid_request", "; ".join(f["message"] for f in fields), fields)
+
+
+def progress_percent(phase: str, step: int, total: int) -> int:
+    """The bar moves with real steps: denoising owns most of it, the other phases their slices."""
+    done = 0
+    for name, share in PROGRESS_SHARE.items():
+        if name == phase:
+            return min(100, int(done + share * (step / total if total else 0)))
+        done += share
+    return 0
+
+
+def classify_error(error: Exception) -> tuple[str, str]:
+    """A job error code and a message a user can act on."""
+    text = f"{type(error).__name__}: {error}"
+    if "OutOfMemoryError" in text or "out of memory" in text.lower():
+        return "out_of_memory", "the GPU ran out of memory; use memory_policy 'stream' or a smaller size / frame_num"
+    if any(name in text for name in ("ActorDiedError", "ActorUnavailableError", "RayActorError", "DeploymentUnavailableError", "ActorDied")):
+        return "stage_unavailable", f"a model replica died while running this job ({type(error).__name__})"
+    return "generation_error", text[:500]
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {name: round(seconds, 4) for name, seconds in timings.items()}
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+if WEB_DIR.is_dir():
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+
+@serve.deployment(max_ongoing_requests=1000)
+@serve.ingress(app)
+class Gateway:
+    def __init__(self, cpu_encoder, gpu_encoder, generator, settings: dict):
+        self.encoders = {name: handle for name, handle in (("cpu", cpu_encoder), ("gpu", gpu_encoder)) if handle is not None}
+        self.generator = generator
+        self.settings = settings
+        self.model = settings["model"]
+        self.pins = ParamOverrides(**settings["pins"])
+        self.defaults = ParamOverrides(**settings["defaults"])
+        self.limits = settings["limits"]
+        self.lease_seconds = settings["lease_seconds"]
+        self.max_attempts = settings.get("max_attempts", 3)
+        self.store = JobStore(settings["output_dir"])
+        self.owner = f"gateway-{uuid.uuid4().hex[:8]}"
+        self.wakeup = asyncio.Event()
+        self.tick = asyncio.Event()  # set (and replaced) whenever this replica changes a job
+        self.running: dict[str, Any] = {}  # job id -> generator stream, to cancel at once
+        self.runners = [asyncio.get_event_loop().create_task(self._runner(i)) for i in range(settings["concurrent_jobs"])]
+
+    # -- health and metadata ------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index(self) -> Response:
+        page = WEB_DIR / "index.html"
+        if not page.exists():
+            return JSONResponse({"service": "wan-t2v-serve", "docs": "/docs"})
+        return FileResponse(page, media_type="text/html")
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        stages = {f"text_encoder_{name}": handle for name, handle in self.encoders.items()}
+        stages["video_generator"] = self.generator
+        report, ready = {}, True
+        for name, handle in stages.items():
+            try:
+                report[name] = await asyncio.wait_for(handle.describe.remote(), timeout=5)
+            except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+                report[name] = {"error": f"{type(error).__name__}: {error}"}
+                ready = False
+        return JSONResponse(status_code=200 if ready else 503, content={"ready": ready, "stages": report})
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        card = ModelCard(id=self.model["id"], source=self.model["source"], layout=self.model["layout"], demo_model=self.model["demo_model"])
+        return {"object": "list", "data": [card.model_dump()]}
+
+    @app.get("/v1/config")
+    async def config(self) -> dict:
+        """What the web page needs: sizes, pins (locked controls), defaults, limits, demo flag."""
+        return {
+            "model": self.model,
+            "sizes": list(SIZES),
+            "pins": self.pins.given(),
+            "defaults": self.defaults.given(),
+            "limits": self.limits,
+            "text_encoders": sorted(self.encoders),
+            "memory_policy": self.settings["memory_policy"],
+            "honor_request_offload": self.settings["honor_request_offload"],
+        }
+
+    # -- submit -------------------------------------------------------------------------------
+
+    @app.post("/v1/videos", status_code=202, response_model=VideoJob)
+    async def create_video(self, request: Request) -> JSONResponse:
+        job = await self._submit(request)
+        return JSONResponse(status_code=202, content=job)
+
+    @app.post("/v1/videos/sync", response_class=Response)
+    async def create_video_sync(self, request: Request) -> Response:
+        """The same job machinery, waited for: returns the MP4, with the job as ASCII JSON in a header."""
+        job = await self._submit(request)
+        try:
+            job = await self._wait_terminal(job["id"])
+        except asyncio.CancelledError:
+            self._cancel(job["id"])  # the client went away: free the generator within a step
+            raise
+        if job["status"] != "completed":
+            error = job.get("error") or {"code": job["status"], "message": f"job {job['status']}"}
+            status = 503 if error["code"] in ("stage_unavailable",) else 500 if job["status"] == "failed" else 409
+            raise ApiError(status, error["code"], error["message"])
+        header = {key: job[key] for key in ("id", "model", "demo_model", "parameters", "overridden", "seed", "timings", "text_encoder", "memory_policy")}
+        return FileResponse(
+            self.store.files(job["id"])["video"],
+            media_type="video/mp4",
+            headers={"X-Video-Job": json.dumps(header, ensure_ascii=True, separators=(",", ":"))},
+        )
+
+    async def _submit(self, request: Request) -> dict:
+        body = await self._request_fields(request)
+        try:
+            create = VideoCreateRequest(**body)
+        except ValidationError as error:
+            raise self._invalid(error) from None
+        except TypeError as error:
+            raise ApiError(422, "invalid_request", f"body: {error}") from None
+        requested = create.requested_params()
+        try:
+            params, overridden = resolve(requested, self.pins, self.defaults)
+        except ValidationError as error:
+            raise self._invalid(error) from None
+        self._check_limits(params)
+        params = params.with_seed()
+        encoder = self._pick_encoder(params.t5_cpu)
+        offload = self._effective_offload(params.offload_model)
+        params = params.model_copy(update={"t5_cpu": encoder == "cpu", "offload_model": offload})
+        now = int(time.time())
+        job = VideoJob(
+            id=new_job_id(),
+            status="queued",
+            created_at=now,
+            model=self.model["id"],
+            demo_model=self.model["demo_model"],
+            prompt=params.prompt,
+            size=params.size.replace("*", "x"),
+            seconds=f"{(params.frame_num - 1) / 16:g}",
+            parameters=params.model_dump(),
+            overridden=overridden,
+            seed=params.seed,
+            text_encoder=encoder,
+            memory_policy=self.settings["memory_policy"] if offload is None else ("offload" if offload else "resident"),
+            total_steps=params.sample_steps,
+            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
+        ).model_dump()
+        work = {"params": params.model_dump(), "negative_prompt": params.effective_negative_prompt}
+        try:
+            job = self.store.create(job, work, self.settings["max_pending_jobs"])
+        except QueueFull as error:
+            raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": "10"}) from None
+        log.info("job %s queued (request %s)", job["id"], job["request_id"])
+        self.wakeup.set()
+        return job
+
+    async def _request_fields(self, request: Request) -> dict:
+        """JSON, or multipart/urlencoded form (OpenAI's SDK sends form data), validated alike."""
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            try:
+                form = await request.form()
+            except Exception as error:  # noqa: BLE001 - a malformed form is the client's error
+                raise ApiError(400, "invalid_body", f"body: unreadable form data ({error})") from None
+            return {key: value for key, value in form.items() if isinstance(value, str)}
+        raw = await request.body()
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid_body", "body: not UTF-8 text") from None
+        except json.JSONDecodeError as error:
+            raise ApiError(400, "invalid_json", f"body: malformed JSON ({error})") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid_request", "body: must be a JSON object of parameters")
+        return body
+
+    def _invalid(self, error: ValidationError) -> ApiError:
+        fields = field_errors(error, ALLOWED_REQUEST)
+        return ApiError(422, "invalid_parameters", "; ".join(item["message"] for item in fields), fields)
+
+    def _check_limits(self, params) -> None:
+        for name, limit in (("frame_num", self.limits["max_frame_num"]), ("sample_steps", self.limits["max_sample_steps"])):
+            value = getattr(params, name)
+            if value > limit:
+                message = f"{name}: {value} is above this server's limit; allowed: at most {limit}"
+                raise ApiError(422, "invalid_parameters", message, [{"field": name, "value": value, "message": message}])
+
+    def _pick_encoder(self, t5_cpu: bool | None) -> str:
+        """The request's t5_cpu picks the encoder; if that one isn't deployed, the deployed one serves."""
+        wanted = "cpu" if t5_cpu in (None, True) else "gpu"
+        return wanted if wanted in self.encoders else next(iter(self.encoders))
+
+    def _effective_offload(self, requested: bool | None) -> bool | None:
+        if self.pins.offload_model is not None:
+            return self.pins.offload_model
+        if self.settings["honor_request_offload"] and requested is not None:
+            return requested
+        return self.settings["memory_policy"] != "resident"
+
+    # -- read, cancel, delete -----------------------------------------------------------------
+
+    def _job(self, job_id: str) -> dict:
+        job = self.store.get(job_id) if JOB_ID.match(job_id) else None
+        if job is None:
+            raise ApiError(404, "not_found", f"video_id: no video {job_id!r}; ids look like video_<24 hex digits>")
+        return job
+
+    @app.get("/v1/videos/{video_id}", response_model=VideoJob)
+    async def retrieve(self, video_id: str) -> dict:
+        return self._job(video_id)
+
+    @app.get("/v1/videos", response_model=VideoList)
+    async def list_videos(
+        self,
+        limit: int = Query(20, ge=1, le=100),
+        after: str | None = None,
+        status: str | None = Query(None, pattern="^(queued|in_progress|completed|failed|cancelled)$"),
+        order: str = Query("desc", pattern="^(asc|desc)$"),
+    ) -> dict:
+        try:
+            jobs, has_more = self.store.list(limit, after, status, order)
+        except KeyError:
+            raise ApiError(422, "invalid_request", f"after: no video {after!r}") from None
+        return {
+            "object": "list",
+            "data": jobs,
+            "has_more": has_more,
+            "first_id": jobs[0]["id"] if jobs else None,
+            "last_id": jobs[-1]["id"] if jobs else None,
+        }
+
+    @app.get("/v1/videos/{video_id}/content")
+    async def content(self, video_id: str, variant: str = Query("video", pattern="^(video|thumbnail)$")) -> Response:
+        job = self._job(video_id)
+        if job["status"] != "completed":
+            raise ApiError(409, "not_ready", f"video {video_id} is {job['status']}; content exists once it is completed")
+        path = self.store.files(video_id)["thumbnail" if variant == "thumbnail" else "video"]
+        media_type = "image/jpeg" if variant == "thumbnail" else "video/mp4"
+        return FileResponse(path, media_type=media_type, filename=f"{video_id}{path.suffix}")
+
+    @app.delete("/v1/videos/{video_id}")
+    async def delete(self, video_id: str) -> dict:
+        """Cancels a queued or running job; deletes a finished one and its files."""
+        job = self._job(video_id)
+        if job["status"] in ("queued", "in_progress"):
+            return self._cancel(video_id)
+        self.store.delete(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    def _cancel(self, job_id: str) -> dict:
+        job = self.store.cancel(job_id)
+        stream = self.running.get(job_id)
+        if stream is not None:
+            stream.cancel()  # this replica runs it: stop the generator now, not at the next step
+        return job
+
+    # -- live progress ------------------------------------------------------------------------
+
+    @app.get("/v1/videos/{video_id}/events")
+    async def events(self, video_id: str) -> StreamingResponse:
+        """Server-Sent Events: the current state first, then one event per step and phase change."""
+        job = self._job(video_id)
+
+        async def stream():
+            seq = self.store.last_event_seq(video_id)
+            yield _sse("state", job)
+            if job["status"] in TERMINAL_STATUSES:
+                yield _sse("done", job)
+                return
+            while True:
+                for seq, update in self.store.events_after(video_id, seq):
+                    yield _sse("progress" if update["status"] == "in_progress" else "status", update)
+                    if update["status"] in TERMINAL_STATUSES:
+                        yield _sse("done", update)
+                        return
+                if self.store.get(video_id) is None:
+                    yield _sse("done", {**job, "status": "cancelled", "phase": "deleted"})
+                    return
+                await self._changed_or_timeout(1.0)
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _changed_or_timeout(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.tick.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass  # another replica may have moved the job: poll the store anyway
+
+    def _notify(self) -> None:
+        """Wake every waiter; a fresh event makes the next wait block again (no lock to hold)."""
+        self.tick.set()
+        self.tick = asyncio.Event()
+
+    async def _wait_terminal(self, job_id: str) -> dict:
+        while True:
+            job = self.store.get(job_id)
+            if job is None or job["status"] in TERMINAL_STATUSES:
+                return job or {"id": job_id, "status": "cancelled", "error": {"code": "deleted", "message": "job deleted"}}
+            await self._changed_or_timeout(1.0)
+
+    # -- running jobs -------------------------------------------------------------------------
+
+    async def _runner(self, index: int) -> None:
+        owner = f"{self.owner}/{index}"
+        while True:
+            try:
+                claimed = self.store.claim(owner, self.lease_seconds)
+            except Exception:  # noqa: BLE001 - a locked database must not kill the runner
+                log.exception("claiming a job failed")
+                claimed = None
+            if claimed is None:
+                self.wakeup.clear()
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            job, work = claimed
+            self._notify()
+            if job["attempts"] > self.max_attempts:
+                self.store.update(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
+                                  error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
+                continue
+            await self._run(job, work, owner)
+            self._notify()
+
+    async def _run(self, job: dict, work: dict, owner: str) -> None:
+        job_id = job["id"]
+        renewal = asyncio.get_running_loop().create_task(self._renew(job_id, owner))
+        started = time.time()
+        timings = {"queue": started - job["created_at"]}
+        try:
+            self.store.update(job_id, owner, phase="text_encode", progress=0)
+            self._notify()
+            encoded = await self.encoders[job["text_encoder"]].encode.remote(job["prompt"], work["negative_prompt"])
+            timings["text_encode"] = encoded["seconds"]
+            stream = self.generator.options(stream=True).generate.remote(
+                {"params": work["params"], "context": encoded["context"], "negative_context": encoded["negative_context"]}
+            )
+            self.running[job_id] = stream
+            result = None
+            async for event in stream:
+                if event["type"] == "result":
+                    result = event
+                    continue
+                step = event["step"] if event["phase"] == "denoise" else job["total_steps"]
+                if self.store.update(job_id, owner, phase=event["phase"], step=step, progress=progress_percent(event["phase"], event["step"], event["total"])) is None:
+                    stream.cancel()  # cancelled or deleted elsewhere
+                    return
+                self._notify()
+            timings.update(result["timings"])
+            done = self.store.get(job_id)
+            if done is None or done["status"] != "in_progress":
+                return
+            final = {**done, "status": "completed", "phase": "completed", "progress": 100, "step": job["total_steps"],
+                     "completed_at": int(time.time()), "timings": _rounded(timings),
+                     "memory_policy": result["memory_policy"], "peak_gpu_memory_bytes": result["peak_gpu_bytes"]}
+            self.store.write_result(final, result["mp4"], result["thumbnail"])
+            self.store.update(job_id, owner, **{k: v for k, v in final.items() if k != "queue_position"})
+            log.info("job %s completed in %.1fs (request %s)", job_id, time.time() - started, job["request_id"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure ends in the job, never in a lost job
+            self._fail_or_retry(job, owner, error)
+        finally:
+            self.running.pop(job_id, None)
+            renewal.cancel()
+
+    def _fail_or_retry(self, job: dict, owner: str, error: Exception) -> None:
+        code, message = classify_error(error)
+        if self.store.get(job["id"]) is None or self.store.get(job["id"])["status"] == "cancelled":
+            return
+        if code == "stage_unavailable" and job["attempts"] < self.max_attempts:
+            log.warning("job %s attempt %d failed (%s); queued again", job["id"], job["attempts"], message)
+            self.store.update(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
+            return
+        log.error("job %s failed: %s (request %s)", job["id"], message, job["request_id"])
+        self.store.update(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
+
+    async def _renew(self, job_id: str, owner: str) -> None:
+        """Keep the lease while the job runs; if it is gone (cancelled elsewhere), stop the stream."""
+        while True:
+            await asyncio.sleep(max(self.lease_seconds / 3, 0.2))
+            if not self.store.renew(job_id, owner, self.lease_seconds):
+                stream = self.running.get(job_id)
+                if stream is not None:
+                    stream.cancel()
+                return

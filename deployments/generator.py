@@ -1,0 +1,114 @@
+"""VideoGenerator deployment: DiT + VAE on one GPU per replica (or the CPU), under a memory policy.
+
+`generate` is a streaming method: a progress event per denoising step and per phase, then the
+encoded MP4. The model runs in a worker thread so the replica's event loop stays free; when the
+caller goes away (client disconnect, timeout, job cancelled) the stream is cancelled, the thread
+stops before its next step, and the replica takes the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+import torch
+from PIL import Image
+from ray import serve
+
+from pipeline.generator import VideoModel
+from pipeline.loading import ModelSource, parse_dtype
+from pipeline.memory import MemoryPolicy
+from pipeline.params import GenerationParams
+from pipeline.video import write_mp4
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(max_ongoing_requests=1, graceful_shutdown_timeout_s=30)
+class VideoGenerator:
+    def __init__(self, source: ModelSource, device: str, policy: str, vae_dtype: str, honor_request_offload: bool):
+        if device == "cuda" and not torch.cuda.is_available():
+            log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
+            device = "cpu"
+        self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype))
+        self.default_policy = MemoryPolicy(policy)
+        self.honor_request_offload = honor_request_offload
+        # One generation at a time per replica, also while a cancelled one finishes its current step.
+        self._running = threading.Lock()
+
+    async def generate(self, job: dict):
+        """job = {"params": dict, "context": Tensor, "negative_context": Tensor}; yields event dicts."""
+        params = GenerationParams(**job["params"])
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_progress(phase: str, step: int, total: int) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "phase": phase, "step": step, "total": total})
+
+        def run() -> dict:
+            with self._running:
+                self.model.models.switch(self._policy_for(params))
+                result = self.model.generate(params, job["context"], job["negative_context"], on_progress, cancelled.is_set)
+                on_progress("write", 0, 1)
+                started = time.perf_counter()
+                mp4 = _encode_mp4(result.frames)
+                result.timings["mp4_write"] = time.perf_counter() - started
+                return {
+                    "type": "result",
+                    "mp4": mp4,
+                    "thumbnail": _jpeg(result.frames[0]),
+                    "frames": int(result.frames.shape[0]),
+                    "timings": result.timings,
+                    "peak_gpu_bytes": result.peak_gpu_bytes,
+                    "memory_policy": self.model.policy.value,
+                    "device": str(self.model.device),
+                }
+
+        work = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            while True:
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({next_event, work}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
+                    continue
+                next_event.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                yield work.result()  # re-raises the generation's error, if any
+                return
+        finally:
+            if not work.done():
+                cancelled.set()  # the caller went away: stop before the next step
+
+    def _policy_for(self, params: GenerationParams) -> MemoryPolicy:
+        if self.honor_request_offload and params.offload_model is not None:
+            return MemoryPolicy.from_offload_flag(params.offload_model)
+        return self.default_policy
+
+    def describe(self) -> dict:
+        """Placement and policy of this replica; also the readiness probe."""
+        return {
+            "device": str(self.model.device),
+            "memory_policy": self.model.policy.value,
+            "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
+            "busy": self._running.locked(),
+        }
+
+
+def _encode_mp4(frames) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
+        return write_mp4(frames, Path(folder) / "video.mp4").read_bytes()
+
+
+def _jpeg(frame) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

@@ -1,0 +1,138 @@
+"""Request and response models of the HTTP API (the shape of OpenAI's /v1/videos, plus our fields).
+
+Serving logic lives in `gateway.py`; this module only says what goes over the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.params import ALLOWED, GenerationParams
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+TERMINAL_STATUSES = ("completed", "failed", "cancelled")
+PARAM_FIELDS = tuple(GenerationParams.model_fields)
+MAX_SECONDS = 7  # 16*7+1 = 113 frames; 8 s would be 129, past the 121-frame limit
+
+ALLOWED_REQUEST = {
+    **ALLOWED,
+    "seconds": f"an integer from 1 to {MAX_SECONDS}; sets frame_num = 16*seconds + 1",
+    "model": "the served model's id (see GET /v1/models); informational",
+}
+
+
+class VideoCreateRequest(BaseModel):
+    """POST /v1/videos body: the parameter model plus OpenAI's `model` and `seconds`.
+
+    Only the fields a client sent count as "requested"; the gateway fills the rest by precedence.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str | None = None
+    size: str | None = None
+    frame_num: int | None = None
+    sample_steps: int | None = None
+    sample_guide_scale: float | None = None
+    sample_shift: float | None = None
+    seed: int | None = None
+    offload_model: bool | None = None
+    t5_cpu: bool | None = None
+    model: str | None = None
+    seconds: int | None = Field(default=None, ge=1, le=MAX_SECONDS)
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_as_text(cls, value: Any) -> Any:
+        # OpenAI's SDK sends seconds as a string ("4").
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _seconds_or_frames(self) -> VideoCreateRequest:
+        if self.seconds is not None and self.frame_num is not None:
+            raise ValueError("give either seconds or frame_num, not both")
+        return self
+
+    def requested_params(self) -> dict[str, Any]:
+        """The generation parameters this request set explicitly (None means "not given")."""
+        values = {name: getattr(self, name) for name in PARAM_FIELDS if getattr(self, name) is not None}
+        if self.seconds is not None:
+            values["frame_num"] = 16 * self.seconds + 1
+        return values
+
+
+class Override(BaseModel):
+    field: str
+    requested: Any
+    effective: Any
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class VideoJob(BaseModel):
+    """The job object: OpenAI's video fields plus step-level progress and effective parameters."""
+
+    id: str
+    object: Literal["video"] = "video"
+    status: JobStatus
+    progress: int = 0
+    phase: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    queue_position: int | None = None
+    created_at: int
+    started_at: int | None = None
+    completed_at: int | None = None
+    expires_at: int | None = None
+    model: str
+    demo_model: bool
+    prompt: str
+    size: str  # OpenAI spelling, "832x480"
+    seconds: str
+    parameters: dict[str, Any]
+    overridden: list[Override] = []
+    seed: int
+    text_encoder: str | None = None  # "cpu" or "gpu": the deployment that encoded the prompt
+    memory_policy: str | None = None
+    timings: dict[str, float] = {}
+    peak_gpu_memory_bytes: int | None = None
+    attempts: int = 0
+    request_id: str | None = None
+    error: JobError | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[VideoJob]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FieldError(BaseModel):
+    field: str
+    value: Any = None
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx body: a machine code, a human message, and per-field details where relevant."""
+
+    code: str
+    message: str
+    fields: list[FieldError] = []
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "wan-t2v-serve"
+    source: str
+    layout: str
+    demo_model: bool

@@ -1,0 +1,68 @@
+"""TextEncoder deployment: tokenizer + umT5 encoder only, on the CPU or on a GPU.
+
+`t5_cpu` is a placement decision: the same class is deployed as TextEncoderCPU (num_gpus 0) and,
+optionally, TextEncoderGPU. The device comes from that placement, never from
+`torch.cuda.is_available()`, since Ray leaves GPUs visible to replicas that asked for none.
+Concurrent encodes are batched, and the prompt cache makes repeats (the default negative prompt
+above all) free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from ray import serve
+
+from pipeline.loading import ModelSource, load_text_encoder, parse_dtype, default_text_dtype
+from pipeline.text import PromptEncoder
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(max_ongoing_requests=64)
+class TextEncoder:
+    def __init__(self, source: ModelSource, placement: str, options: dict):
+        self.placement = placement
+        self.device = torch.device("cpu")
+        if placement == "gpu":
+            if torch.cuda.is_available():
+                self.device = torch.device("cuda")
+            else:
+                log.warning("TextEncoderGPU found no CUDA device; encoding on the CPU")
+        dtype = default_text_dtype(source, self.device) if options["dtype"] == "auto" else parse_dtype(options["dtype"])
+        started = time.perf_counter()
+        tokenizer, model = load_text_encoder(source, self.device, dtype)
+        self.encoder = PromptEncoder(tokenizer, model, self.device, cache_size=options["cache_size"])
+        self._encode_batch.set_max_batch_size(options["max_batch_size"])
+        self._encode_batch.set_batch_wait_timeout_s(options["batch_wait_timeout_s"])
+        log.info("TextEncoder(%s) on %s in %s, loaded in %.1fs", placement, self.device, dtype, time.perf_counter() - started)
+
+    async def encode(self, prompt: str, negative_prompt: str) -> dict:
+        """Real-token embeddings for a prompt and its negative prompt, with the encode time."""
+        started = time.perf_counter()
+        context, negative_context = await asyncio.gather(self._encode_batch(prompt), self._encode_batch(negative_prompt))
+        return {
+            "context": context,
+            "negative_context": negative_context,
+            "seconds": time.perf_counter() - started,
+            "placement": self.placement,
+            "device": str(self.device),
+        }
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _encode_batch(self, texts: list[str]) -> list[torch.Tensor]:
+        return await asyncio.to_thread(self.encoder.encode, texts)
+
+    def describe(self) -> dict:
+        """Where this replica runs and what its cache did; also the readiness probe."""
+        return {
+            "placement": self.placement,
+            "device": str(self.device),
+            "dtype": str(self.encoder.dtype).removeprefix("torch."),
+            "cuda_initialized": torch.cuda.is_initialized(),
+            "cache_hits": self.encoder.cache_hits,
+            "cache_misses": self.encoder.cache_misses,
+        }
