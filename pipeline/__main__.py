@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from pipeline.flags import add_bool_flag
 from pipeline.params import ALLOWED, GenerationParams, describe_errors
 
 DEMO_BANNER = "DEMO MODEL: random weights, not Wan2.1. The video will be noise; use --ckpt_dir for real output."
@@ -43,20 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample_guide_scale", help=_with_default("sample_guide_scale"))
     gen.add_argument("--base_seed", dest="seed", help=_with_default("seed"))
     run = parser.add_argument_group("placement")
-    run.add_argument(
-        "--offload_model",
-        nargs="?",
-        const=True,
-        default=True,
-        metavar="BOOL",
-        help="keep the DiT on the CPU except while it denoises (default: true)",
-    )
-    run.add_argument(
-        "--t5_cpu",
-        nargs="?",
-        const=True,
+    add_bool_flag(run, "offload_model", default=True, help="keep the DiT on the CPU except while it denoises (default: true)")
+    add_bool_flag(
+        run,
+        "t5_cpu",
         default=False,
-        metavar="BOOL",
         help="run the umT5 text encoder on the CPU instead of the generation device (default: false)",
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when present")
