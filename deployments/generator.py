@@ -32,11 +32,23 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(max_ongoing_requests=1, graceful_shutdown_timeout_s=30)
 class VideoGenerator:
-    def __init__(self, source: ModelSource, device: str, policy: str, vae_dtype: str, honor_request_offload: bool):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str,
+        policy: str,
+        vae_dtype: str,
+        honor_request_offload: bool,
+        compile_for: dict | None = None,
+    ):
+        """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager."""
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
             device = "cpu"
         self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype))
+        if compile_for is not None:
+            warm = GenerationParams(prompt="warm-up", **{k: v for k, v in compile_for.items() if k in ("size", "frame_num")})
+            log.info("compiled DiT blocks, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, self.model.compile_blocks(warm))
         self.default_policy = MemoryPolicy(policy)
         self.honor_request_offload = honor_request_offload
         # One generation at a time per replica, also while a cancelled one finishes its current step.

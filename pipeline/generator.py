@@ -52,6 +52,21 @@ class VideoModel:
         log.info("loaded DiT (%s) + VAE (%s) from %s in %.1fs", dit_dtype, vae_dtype, source.folder, time.perf_counter() - started)
         return model
 
+    def compile_blocks(self, warm_params: GenerationParams | None = None) -> float:
+        """Regional torch.compile of the DiT's repeated blocks (one graph serves all of them).
+
+        The first call at each new shape compiles; warming with the expected shape at replica start
+        means no request pays for it. Returns the seconds the warm-up took.
+        """
+        self.models.transformer.compile_repeated_blocks(fullgraph=True)
+        if warm_params is None:
+            return 0.0
+        started = time.perf_counter()
+        warm = warm_params.model_copy(update={"sample_steps": 1, "seed": 0})
+        zeros = torch.zeros(1, self.text_dim)
+        self.generate(warm, zeros, zeros)
+        return time.perf_counter() - started
+
     @property
     def policy(self) -> MemoryPolicy:
         return self.models.policy

@@ -1,0 +1,404 @@
+"""GPU benchmark: diffusers' WanPipeline against our pipeline, side by side, in one run.
+
+Full-size Wan2.1 T2V-1.3B shapes with random weights (speed does not depend on weight values):
+the 1.3B DiT (bf16), the Wan VAE and the umT5-XXL encoder, built from the configs bundled in
+`pipeline/configs/`. Workload: 832x480, 81 frames, guidance on. Every path gets the same noise
+seed and the same text embeddings, and every optimised path's final latents are compared with our
+exact reference path's.
+
+Sections (each recorded even if another fails):
+  text      umT5-XXL encode of a 40-token prompt: GPU, CPU bf16/fp32 at several thread counts, cache hit
+  diffusers WanPipeline, `--steps` steps + fp32 VAE decode
+  resident  our path, exact: text embeddings -> latents -> frames -> MP4 file
+  compiled  our path with regional torch.compile of the DiT blocks (warm-up timed separately)
+  vae       bf16 against fp32 decode of the same latents: time, peak memory, pixel error
+  policies  offload and stream memory policies, `--policy-steps` steps + decode, peak GPU memory
+
+Usage (on the GPU machine): python bench/gpu.py [--steps 50] [--policy-steps 10] [--out DIR] [section ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.generator import VideoModel  # noqa: E402
+from pipeline.memory import MemoryPolicy  # noqa: E402
+from pipeline.params import GenerationParams  # noqa: E402
+from pipeline.sampler import flow_sigmas  # noqa: E402
+from pipeline.text import pad_context  # noqa: E402
+from pipeline.video import write_mp4  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
+DEVICE = torch.device("cuda")
+PROMPT = "A red fox trots through fresh snow at dawn, cinematic, soft light, 4k"  # ~40 umT5 tokens
+GIB = 2**30
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def load_config(name: str) -> dict:
+    return {k: v for k, v in json.loads((CONFIGS / f"{name}.json").read_text()).items() if not k.startswith("_")}
+
+
+def build_dit():
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        return WanTransformer3DModel(**load_config("transformer")).to(torch.bfloat16).eval().requires_grad_(False)
+
+
+def build_vae(dtype=torch.float32):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        return AutoencoderKLWan(**load_config("vae")).to(dtype).eval().requires_grad_(False)
+
+
+def synced(fn):
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - started
+
+
+def peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / GIB, 2)
+
+
+def reset_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.results: dict = {
+            "device": torch.cuda.get_device_name(0),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "workload": {"size": "832*480", "frame_num": 81, "steps": args.steps, "guide_scale": 6.0, "shift": 8.0, "seed": 42},
+        }
+        import diffusers
+
+        self.results["diffusers_version"] = diffusers.__version__
+        generator = torch.Generator().manual_seed(1)
+        # Real-token embeddings as the text stage returns them: 40 + 120 tokens of 4096 dims, bf16.
+        self.context = (torch.randn(40, 4096, generator=generator) * 0.1).to(torch.bfloat16)
+        self.negative_context = (torch.randn(120, 4096, generator=generator) * 0.1).to(torch.bfloat16)
+        self.params = GenerationParams(prompt=PROMPT, sample_steps=args.steps, seed=42)
+        self.reference_latents: torch.Tensor | None = None
+        self.reference_step_s: float | None = None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.results["device"].lower()).strip("-")
+        path = Path(self.args.out) / f"{slug}-{self.results['date']}{self.args.tag and '-' + self.args.tag}.json"
+        path.write_text(json.dumps(self.results, indent=1))
+
+    def section(self, name: str, fn) -> None:
+        log(f"== {name}")
+        reset_memory()
+        started = time.perf_counter()
+        try:
+            self.results[name] = fn()
+        except Exception as error:  # noqa: BLE001 - record and go on with the other sections
+            traceback.print_exc()
+            self.results[name] = {"error": repr(error)[:500]}
+        self.results[name]["section_wall_s"] = round(time.perf_counter() - started, 1)
+        log(name, json.dumps(self.results[name]))
+        self.save()
+        reset_memory()
+
+    def run_ours(self, model: VideoModel, params: GenerationParams) -> dict:
+        """One generation through VideoModel, with per-step timestamps, the final latents and the MP4 write."""
+        import pipeline.generator as generator_module
+
+        stamps: list[float] = []
+        captured = {}
+        decode = generator_module.decode_latents
+
+        def capture(vae, latents):
+            captured["latents"] = latents.detach().clone()
+            return decode(vae, latents)
+
+        def on_progress(phase, step, total):
+            if phase == "denoise":
+                torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+
+        generator_module.decode_latents = capture
+        try:
+            reset_memory()
+            result, total_s = synced(lambda: model.generate(params, self.context, self.negative_context, on_progress))
+        finally:
+            generator_module.decode_latents = decode
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            write_mp4(result.frames, Path(folder) / "video.mp4")
+            mp4_s = time.perf_counter() - started
+        steps = len(stamps)
+        per_step = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else result.timings["denoise"]
+        return {
+            "steps": steps,
+            "per_step_s": round(per_step, 4),
+            "denoise_s": round(result.timings["denoise"], 2),
+            "decode_s": round(result.timings["decode"], 2),
+            "mp4_write_s": round(mp4_s, 2),
+            "generate_s": round(total_s, 2),
+            "peak_gib": round(result.peak_gpu_bytes / GIB, 2),
+            "_latents": captured["latents"],
+        }
+
+    def end_to_end(self, run: dict) -> float:
+        """Prompt -> MP4 file: CPU text encode (as measured) + denoise + decode + MP4 write."""
+        text_s = self.results.get("text", {}).get("cpu_default_40_tokens_s", 0.0)
+        return round(text_s + run["generate_s"] + run["mp4_write_s"], 2)
+
+    def check_latents(self, run: dict) -> dict:
+        latents = run.pop("_latents")
+        if self.reference_latents is None:
+            return {}
+        return {"latents_rel_error_vs_reference": relative_error(latents, self.reference_latents)}
+
+    # -- sections ------------------------------------------------------------------------------
+
+    def text(self) -> dict:
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        from pipeline.demo import build_tokenizer
+        from pipeline.text import PromptEncoder
+
+        config = UMT5Config(**load_config("text_encoder"))
+        torch.manual_seed(0)
+        with torch.device(DEVICE):
+            model = UMT5EncoderModel(config).to(torch.bfloat16).eval().requires_grad_(False)
+        tokenizer = build_tokenizer()  # byte-level stand-in; the encoder cost depends on the token count
+        n_tokens = len(tokenizer(PROMPT[:39]).input_ids)
+        out = {"tokens": n_tokens}
+        encoder = PromptEncoder(tokenizer, model, DEVICE)
+        encoder.encode([PROMPT[:39] + "!"])
+        out["gpu_40_tokens_s"] = round(synced(lambda: encoder._run_encoder([PROMPT[:39]]))[1], 4)
+        model = model.cpu()
+        torch.cuda.empty_cache()
+        for dtype in (torch.bfloat16, torch.float32):
+            model = model.to(dtype)
+            encoder = PromptEncoder(tokenizer, model, torch.device("cpu"))
+            for threads in (4, 8, 16):
+                torch.set_num_threads(threads)
+                encoder._run_encoder([PROMPT[:20]])  # warm
+                started = time.perf_counter()
+                for _ in range(3):
+                    encoder._run_encoder([PROMPT[:39]])
+                out[f"cpu_{str(dtype)[6:]}_{threads}threads_s"] = round((time.perf_counter() - started) / 3, 3)
+        torch.set_num_threads(os.cpu_count())
+        cpu_times = {k: v for k, v in out.items() if k.startswith("cpu_")}
+        best = min(cpu_times, key=cpu_times.get)
+        out["cpu_fastest"] = best
+        out["cpu_default_40_tokens_s"] = out["cpu_bfloat16_16threads_s"]
+        encoder.encode([PROMPT[:39]])
+        started = time.perf_counter()
+        encoder.encode([PROMPT[:39]])
+        out["cache_hit_s"] = round(time.perf_counter() - started, 6)
+        return out
+
+    def diffusers(self) -> dict:
+        from diffusers import UniPCMultistepScheduler, WanPipeline
+
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=8.0)
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=build_dit(), vae=build_vae(), scheduler=scheduler)
+        context = pad_context(self.context).unsqueeze(0).to(DEVICE)
+        negative = pad_context(self.negative_context).unsqueeze(0).to(DEVICE)
+        stamps, captured = [], {}
+
+        def on_step(_pipe, i, t, kwargs):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            captured["latents"] = kwargs["latents"]
+            return kwargs
+
+        reset_memory()
+        with torch.inference_mode():
+            generator = torch.Generator(DEVICE).manual_seed(42)
+            out, total_s = synced(lambda: pipe(
+                prompt_embeds=context, negative_prompt_embeds=negative, height=480, width=832, num_frames=81,
+                num_inference_steps=self.args.steps, guidance_scale=6.0, generator=generator, output_type="np",
+                callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"]))
+        frames = (out.frames[0] * 255).round().astype("uint8")
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            write_mp4(frames, Path(folder) / "video.mp4")
+            mp4_s = time.perf_counter() - started
+        run = {
+            "per_step_s": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 4),
+            "generate_s": round(total_s, 2),
+            "decode_and_postprocess_s": round(total_s - (stamps[-1] - stamps[0]) - (stamps[1] - stamps[0]), 2),
+            "mp4_write_s": round(mp4_s, 2),
+            "peak_gib": peak_gib(),
+        }
+        run["end_to_end_s"] = self.end_to_end(run)
+        self.diffusers_latents = captured["latents"].float()
+        return run
+
+    def resident(self) -> dict:
+        model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT)
+        run = self.run_ours(model, self.params)
+        self.reference_latents = run.pop("_latents")
+        self.reference_step_s = run["per_step_s"]
+        run["end_to_end_s"] = self.end_to_end(run)
+        if getattr(self, "diffusers_latents", None) is not None:
+            # Not zero by design: the official schedule starts at sigma 0.999, diffusers' default at 1.0.
+            run["latents_rel_diff_vs_diffusers_default_schedule"] = relative_error(self.reference_latents, self.diffusers_latents)
+        run["official_sigmas_first_last"] = [float(flow_sigmas(self.args.steps, 8.0)[0]), float(flow_sigmas(self.args.steps, 8.0)[-1])]
+        del model
+        return run
+
+    def compiled(self) -> dict:
+        model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT)
+        warm_s = model.compile_blocks(self.params)
+        run = self.run_ours(model, self.params)
+        run.update(self.check_latents(run))
+        run["compile_warmup_s"] = round(warm_s, 1)
+        run["end_to_end_s"] = self.end_to_end(run)
+        return run
+
+    def vae(self) -> dict:
+        if self.reference_latents is None:
+            raise RuntimeError("needs the resident section first (its latents)")
+        from pipeline.video import decode_latents
+
+        out, frames = {}, {}
+        for name, dtype, tiled in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("fp32_tiled", torch.float32, True), ("bf16_tiled", torch.bfloat16, True)):
+            vae = build_vae(dtype)
+            if tiled:
+                vae.enable_tiling()
+            reset_memory()
+            with torch.inference_mode():
+                decode_latents(vae, self.reference_latents)  # warm
+                reset_memory()
+                frames[name], seconds = synced(lambda: decode_latents(vae, self.reference_latents))
+            out[name] = {"decode_s": round(seconds, 2), "peak_gib": peak_gib()}
+            del vae
+            reset_memory()
+        reference = torch.from_numpy(frames["fp32"]).float()
+        for name in ("bf16", "fp32_tiled", "bf16_tiled"):
+            diff = (torch.from_numpy(frames[name]).float() - reference).abs()
+            mse = float((diff**2).mean())
+            out[name]["mean_abs_pixel_error"] = round(float(diff.mean()), 3)
+            out[name]["max_abs_pixel_error"] = int(diff.max())
+            out[name]["psnr_db_vs_fp32"] = round(10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-12))).item(), 2)
+        return out
+
+    def policies(self) -> dict:
+        params = self.params.model_copy(update={"sample_steps": self.args.policy_steps})
+        out = {}
+        variants = {
+            "resident": (MemoryPolicy.RESIDENT, torch.float32),
+            "offload": (MemoryPolicy.OFFLOAD, torch.float32),
+            "stream": (MemoryPolicy.STREAM, torch.float32),
+            "stream_bf16_vae": (MemoryPolicy.STREAM, torch.bfloat16),
+        }
+        for name, (policy, vae_dtype) in variants.items():
+            dit = build_dit().cpu()
+            vae = build_vae(vae_dtype)
+            reset_memory()
+            model = VideoModel(dit, vae, DEVICE, policy)
+            run = self.run_ours(model, params)
+            run.pop("_latents")
+            out[name] = run
+            del model, dit, vae
+            reset_memory()
+        for name in list(variants)[1:]:
+            out[name]["slowdown_vs_resident"] = round(out[name]["generate_s"] / out["resident"]["generate_s"] - 1, 4)
+        return out
+
+
+def markdown(results: dict) -> str:
+    def get(section, key, default="—"):
+        value = results.get(section, {}).get(key, default)
+        return value
+
+    lines = [
+        f"# GPU benchmark — {results['device']}, {results['date']}",
+        "",
+        f"torch {results['torch']}, diffusers {results['diffusers_version']}; 832x480, 81 frames, "
+        f"{results['workload']['steps']} steps, guidance 6.0, random weights of the real shapes.",
+        "",
+        "| path | s/step | denoise+decode s | end to end s (prompt → MP4) | peak GiB | latents vs reference |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| diffusers WanPipeline | {get('diffusers', 'per_step_s')} | {get('diffusers', 'generate_s')} | {get('diffusers', 'end_to_end_s')} | {get('diffusers', 'peak_gib')} | (default schedule: {get('resident', 'latents_rel_diff_vs_diffusers_default_schedule')}) |",
+        f"| ours, resident (exact reference) | {get('resident', 'per_step_s')} | {get('resident', 'generate_s')} | {get('resident', 'end_to_end_s')} | {get('resident', 'peak_gib')} | 0 |",
+        f"| ours, resident + compiled blocks | {get('compiled', 'per_step_s')} | {get('compiled', 'generate_s')} | {get('compiled', 'end_to_end_s')} | {get('compiled', 'peak_gib')} | {get('compiled', 'latents_rel_error_vs_reference')} |",
+        "",
+    ]
+    policies = results.get("policies", {})
+    if "resident" in policies:
+        lines += ["| memory policy | s/step | generate s | peak GiB | slowdown vs resident |", "| --- | --- | --- | --- | --- |"]
+        for name in ("resident", "offload", "stream", "stream_bf16_vae"):
+            run = policies[name]
+            lines.append(f"| {name} | {run['per_step_s']} | {run['generate_s']} | {run['peak_gib']} | {run.get('slowdown_vs_resident', 0)} |")
+        lines.append("")
+    vae = results.get("vae", {})
+    if "fp32" in vae:
+        lines += ["| VAE decode | s | peak GiB | PSNR vs fp32 dB | mean abs px error |", "| --- | --- | --- | --- | --- |"]
+        for name in ("fp32", "bf16", "fp32_tiled", "bf16_tiled"):
+            run = vae[name]
+            lines.append(f"| {name} | {run['decode_s']} | {run['peak_gib']} | {run.get('psnr_db_vs_fp32', '∞')} | {run.get('mean_abs_pixel_error', 0)} |")
+        lines.append("")
+    text = results.get("text", {})
+    if "gpu_40_tokens_s" in text:
+        lines += ["| umT5-XXL, 40 tokens | s |", "| --- | --- |"]
+        lines += [f"| {key} | {value} |" for key, value in text.items() if key.endswith("_s")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", default=["text", "diffusers", "resident", "compiled", "vae", "policies"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--policy-steps", type=int, default=10)
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--tag", default="", help="suffix for the result files, e.g. 'policies50'")
+    args = parser.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    for name in args.sections:
+        bench.section(name, getattr(bench, name))
+    table = markdown(bench.results)
+    slug = re.sub(r"[^a-z0-9]+", "-", bench.results["device"].lower()).strip("-")
+    (Path(args.out) / f"{slug}-{bench.results['date']}{args.tag and '-' + args.tag}.md").write_text(table)
+    log(table)
+
+
+if __name__ == "__main__":
+    main()
