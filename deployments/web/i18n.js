@@ -1,0 +1,152 @@
+// Chinese by default (the seed's Gradio page was Chinese), English on request; the choice is remembered.
+// Help texts are the seed document's, verbatim in Chinese.
+
+const STORAGE_KEY = "wan-t2v.lang";
+
+const TEXT = {
+  zh: {
+    title: "Wan2.1 文生视频",
+    lang_toggle: "English",
+    server_info: "模型 {model} · 内存策略 {policy} · 文本编码器 {encoders}",
+    demo_banner: "演示模型：随机权重，并非 Wan2.1。生成的视频是噪声，仅用于演示整个流程。",
+    prompt: "提示词",
+    prompt_placeholder: "描述你想生成的视频，例如：一只红狐狸在雪地里奔跑",
+    settings: "生成参数设置",
+    basic: "基础参数",
+    advanced: "高级优化参数",
+    "field.size": "视频分辨率",
+    "help.size": "选择生成视频的分辨率（宽*高）",
+    "field.frame_num": "帧数",
+    "help.frame_num": "须为 4n+1（5–121）；16 帧约 1 秒，81 帧约 5 秒",
+    "field.sample_steps": "扩散步数",
+    "help.sample_steps": "控制采样质量，步数越多质量越高",
+    "field.sample_guide_scale": "引导比例",
+    "help.sample_guide_scale": "控制文本遵循程度。低值(4-6): 生成内容更自由，可能偏离提示词但质量较高；高值(7-10): 生成内容更严格遵循提示词，但可能降低视频质量",
+    "field.sample_shift": "偏移比例",
+    "help.sample_shift": "控制视频动态效果。低值(4-6): 生成更平滑、静态的视频；高值(8-12): 生成更动态、变化剧烈的视频",
+    "field.seed": "随机种子",
+    "help.seed": "控制随机性，-1表示随机生成",
+    "field.negative_prompt": "负面提示词",
+    "help.negative_prompt": "描述不希望出现的内容；留空则使用官方默认负面提示词（即框中灰色文字）",
+    "field.offload_model": "模型卸载",
+    "help.offload_model": "将模型权重从GPU内存卸载到CPU内存，减少显存占用，但会降低推理速度",
+    "field.t5_cpu": "T5 CPU运行",
+    "help.t5_cpu": "将T5文本编码器放在CPU上运行，节省显存",
+    "note.pinned": "由服务器命令行参数固定（界面参数的优先级低于命令行参数）",
+    "note.policy": "由服务器的内存策略决定",
+    "note.cpu_only": "服务器只部署了 CPU 文本编码器",
+    "note.gpu_only": "服务器只部署了 GPU 文本编码器",
+    generate: "生成视频",
+    cancel: "取消",
+    output: "生成结果",
+    output_idle: "还没有任务。输入提示词后点击“生成视频”。",
+    download: "下载 MP4",
+    history: "最近的任务",
+    history_empty: "暂无任务",
+    "history.again": "用这些设置再次生成",
+    "history.show": "在播放器中查看",
+    "status.queued": "排队中",
+    "status.in_progress": "生成中",
+    "status.completed": "已完成",
+    "status.failed": "失败",
+    "status.cancelled": "已取消",
+    "phase.starting": "启动中",
+    "phase.text_encode": "编码提示词",
+    "phase.denoise": "去噪",
+    "phase.decode": "解码",
+    "phase.write": "写入视频",
+    "progress.queue": "队列第 {position} 位",
+    "progress.step": "第 {step}/{total} 步",
+    "progress.eta": "约剩 {seconds} 秒",
+    "progress.failed": "失败：{message}",
+    "progress.lost": "与服务器的进度连接已断开",
+    summary: "{size} · {frame_num} 帧 · {sample_steps} 步 · 引导 {sample_guide_scale} · 偏移 {sample_shift} · 种子 {seed}",
+    override: "{field}：请求 {requested}，实际使用 {effective}（服务器固定）",
+    "error.network": "无法连接服务器：{message}",
+    "error.config": "无法读取服务器配置：{message}",
+  },
+  en: {
+    title: "Wan2.1 text to video",
+    lang_toggle: "中文",
+    server_info: "Model {model} · memory policy {policy} · text encoder {encoders}",
+    demo_banner: "Demo model: random weights, not Wan2.1. Its videos are noise; it only demonstrates the pipeline.",
+    prompt: "Prompt",
+    prompt_placeholder: "Describe the video, e.g. a red fox running through snow",
+    settings: "Generation settings",
+    basic: "Basic parameters",
+    advanced: "Advanced optimisation",
+    "field.size": "Resolution",
+    "help.size": "The video's resolution (width*height)",
+    "field.frame_num": "Frames",
+    "help.frame_num": "Must be 4n+1 (5–121); 16 frames ≈ 1 s, 81 frames ≈ 5 s",
+    "field.sample_steps": "Sampling steps",
+    "help.sample_steps": "Controls sampling quality: more steps, higher quality",
+    "field.sample_guide_scale": "Guidance scale",
+    "help.sample_guide_scale": "How closely the video follows the prompt. Low (4-6): freer, may drift from the prompt but higher quality; high (7-10): follows the prompt more strictly, may lower video quality",
+    "field.sample_shift": "Shift",
+    "help.sample_shift": "Controls motion. Low (4-6): smoother, more static video; high (8-12): more dynamic video with stronger changes",
+    "field.seed": "Seed",
+    "help.seed": "Controls randomness; -1 draws a random seed",
+    "field.negative_prompt": "Negative prompt",
+    "help.negative_prompt": "What the video should not contain; leave empty for the official default (the grey text in the box)",
+    "field.offload_model": "Offload model",
+    "help.offload_model": "Moves model weights from GPU memory to CPU memory: less VRAM, slower inference",
+    "field.t5_cpu": "T5 on CPU",
+    "help.t5_cpu": "Runs the T5 text encoder on the CPU, saving VRAM",
+    "note.pinned": "Fixed by the server's command-line parameters (settings on this page rank below the command line)",
+    "note.policy": "Decided by the server's memory policy",
+    "note.cpu_only": "The server deploys only the CPU text encoder",
+    "note.gpu_only": "The server deploys only the GPU text encoder",
+    generate: "Generate video",
+    cancel: "Cancel",
+    output: "Result",
+    output_idle: "No job yet. Enter a prompt and press “Generate video”.",
+    download: "Download MP4",
+    history: "Recent jobs",
+    history_empty: "No jobs yet",
+    "history.again": "Generate again with these settings",
+    "history.show": "Show in the player",
+    "status.queued": "Queued",
+    "status.in_progress": "Generating",
+    "status.completed": "Completed",
+    "status.failed": "Failed",
+    "status.cancelled": "Cancelled",
+    "phase.starting": "Starting",
+    "phase.text_encode": "Encoding the prompt",
+    "phase.denoise": "Denoising",
+    "phase.decode": "Decoding",
+    "phase.write": "Writing the video",
+    "progress.queue": "position {position} in the queue",
+    "progress.step": "step {step}/{total}",
+    "progress.eta": "about {seconds} s left",
+    "progress.failed": "Failed: {message}",
+    "progress.lost": "Lost the progress connection to the server",
+    summary: "{size} · {frame_num} frames · {sample_steps} steps · guidance {sample_guide_scale} · shift {sample_shift} · seed {seed}",
+    override: "{field}: requested {requested}, used {effective} (fixed by the server)",
+    "error.network": "Cannot reach the server: {message}",
+    "error.config": "Cannot read the server's configuration: {message}",
+  },
+};
+
+let current = TEXT[localStorage.getItem(STORAGE_KEY)] ? localStorage.getItem(STORAGE_KEY) : "zh";
+
+export const language = () => current;
+
+/** The text for `key` in the current language, with {name} placeholders filled from `vars`. */
+export function t(key, vars = {}) {
+  const template = TEXT[current][key] ?? key;
+  return template.replace(/\{(\w+)\}/g, (_, name) => String(vars[name] ?? ""));
+}
+
+export function toggleLanguage() {
+  current = current === "zh" ? "en" : "zh";
+  localStorage.setItem(STORAGE_KEY, current);
+}
+
+/** Fills every [data-i18n] element's text and every [data-i18n-placeholder] placeholder. */
+export function translate() {
+  document.documentElement.lang = current === "zh" ? "zh-CN" : "en";
+  document.title = t("title");
+  for (const node of document.querySelectorAll("[data-i18n]")) node.textContent = t(node.dataset.i18n);
+  for (const node of document.querySelectorAll("[data-i18n-placeholder]")) node.placeholder = t(node.dataset.i18nPlaceholder);
+}
