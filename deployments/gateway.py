@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -37,6 +38,8 @@ from pipeline.params import SIZES, field_errors
 log = logging.getLogger("ray.serve")
 
 WEB_DIR = Path(__file__).parent / "web"
+SERVE_NAMESPACE = "serve"  # where Serve names its replica actors (a replica's own namespace is the driver's)
+RECOVER_EVERY_S = 5.0  # how often a gateway looks for jobs left running by a dead replica
 PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
 
 
@@ -88,6 +91,22 @@ def classify_error(error: Exception) -> tuple[str, str]:
     return "generation_error", text[:500]
 
 
+def replica_alive(owner: str) -> bool:
+    """Whether the gateway replica named in a lease owner ("<actor name>/<runner>") still exists.
+
+    Serve replicas are named actors that Ray never restarts, so a name that no longer resolves
+    means the replica is gone for good and its jobs can run again without waiting out the lease.
+    All gateways sharing an output_dir must therefore live in one Ray cluster.
+    """
+    try:
+        ray.get_actor(owner.rsplit("/", 1)[0], namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 - unsure (e.g. GCS unreachable): leave it to the lease
+        log.exception("checking lease owner %s failed", owner)
+    return True
+
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {name: round(seconds, 4) for name, seconds in timings.items()}
 
@@ -114,11 +133,12 @@ class Gateway:
         self.lease_seconds = settings["lease_seconds"]
         self.max_attempts = settings.get("max_attempts", 3)
         self.store = JobStore(settings["output_dir"])
-        self.owner = f"gateway-{uuid.uuid4().hex[:8]}"
+        self.owner = ray.get_runtime_context().get_actor_name()  # what replica_alive looks up
         self.wakeup = asyncio.Event()
         self.tick = asyncio.Event()  # set (and replaced) whenever this replica changes a job
         self.running: dict[str, Any] = {}  # job id -> generator stream, to cancel at once
-        self.runners = [asyncio.get_event_loop().create_task(self._runner(i)) for i in range(settings["concurrent_jobs"])]
+        loop = asyncio.get_event_loop()
+        self.tasks = [loop.create_task(self._recover()), *(loop.create_task(self._runner(i)) for i in range(settings["concurrent_jobs"]))]
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -210,11 +230,11 @@ class Gateway:
         encoder = self._pick_encoder(params.t5_cpu)
         offload = self._effective_offload(params.offload_model)
         params = params.model_copy(update={"t5_cpu": encoder == "cpu", "offload_model": offload})
-        now = int(time.time())
+        now = time.time()
         job = VideoJob(
             id=new_job_id(),
             status="queued",
-            created_at=now,
+            created_at=int(now),
             model=self.model["id"],
             demo_model=self.model["demo_model"],
             prompt=params.prompt,
@@ -228,7 +248,7 @@ class Gateway:
             total_steps=params.sample_steps,
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex,
         ).model_dump()
-        work = {"params": params.model_dump(), "negative_prompt": params.effective_negative_prompt}
+        work = {"params": params.model_dump(), "negative_prompt": params.effective_negative_prompt, "submitted_at": now}
         try:
             job = self.store.create(job, work, self.settings["max_pending_jobs"])
         except QueueFull as error:
@@ -383,11 +403,25 @@ class Gateway:
 
     # -- running jobs -------------------------------------------------------------------------
 
+    async def _recover(self) -> None:
+        """Requeue jobs whose runner's replica died (a crash, a restart), at start and then now and then."""
+        while True:
+            try:
+                requeued = await asyncio.to_thread(self.store.requeue_orphans, replica_alive)
+            except Exception:  # noqa: BLE001 - a locked database must not end recovery
+                log.exception("looking for orphaned jobs failed")
+                requeued = []
+            if requeued:
+                log.warning("queued again %d job(s) left running by a replica that is gone: %s", len(requeued), ", ".join(requeued))
+                self.wakeup.set()
+                self._notify()
+            await asyncio.sleep(RECOVER_EVERY_S)
+
     async def _runner(self, index: int) -> None:
         owner = f"{self.owner}/{index}"
         while True:
             try:
-                claimed = self.store.claim(owner, self.lease_seconds)
+                claimed = self.store.claim(owner, self.lease_seconds, self.settings["concurrent_jobs"])
             except Exception:  # noqa: BLE001 - a locked database must not kill the runner
                 log.exception("claiming a job failed")
                 claimed = None
@@ -401,22 +435,29 @@ class Gateway:
             job, work = claimed
             self._notify()
             if job["attempts"] > self.max_attempts:
-                self.store.update(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
-                                  error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
+                self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
+                               error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
                 continue
             await self._run(job, work, owner)
-            self._notify()
+
+    def _progress(self, job_id: str, owner: str, **fields: Any) -> bool:
+        """Record a change of a job this runner holds; False when it is no longer ours (cancelled, deleted)."""
+        changed = self.store.update(job_id, owner, **fields) is not None
+        self._notify()
+        return changed
 
     async def _run(self, job: dict, work: dict, owner: str) -> None:
         job_id = job["id"]
         renewal = asyncio.get_running_loop().create_task(self._renew(job_id, owner))
         started = time.time()
-        timings = {"queue": started - job["created_at"]}
+        timings = {"queue": started - work["submitted_at"]}
         try:
-            self.store.update(job_id, owner, phase="text_encode", progress=0)
-            self._notify()
+            if not self._progress(job_id, owner, phase="text_encode"):
+                return
             encoded = await self.encoders[job["text_encoder"]].encode.remote(job["prompt"], work["negative_prompt"])
             timings["text_encode"] = encoded["seconds"]
+            if not self._progress(job_id, owner, phase="denoise", progress=progress_percent("denoise", 0, 1)):
+                return  # cancelled while its prompt was encoded: the generator never sees it
             stream = self.generator.options(stream=True).generate.remote(
                 {"params": work["params"], "context": encoded["context"], "negative_context": encoded["negative_context"]}
             )
@@ -427,19 +468,11 @@ class Gateway:
                     result = event
                     continue
                 step = event["step"] if event["phase"] == "denoise" else job["total_steps"]
-                if self.store.update(job_id, owner, phase=event["phase"], step=step, progress=progress_percent(event["phase"], event["step"], event["total"])) is None:
+                if not self._progress(job_id, owner, phase=event["phase"], step=step, progress=progress_percent(event["phase"], event["step"], event["total"])):
                     stream.cancel()  # cancelled or deleted elsewhere
                     return
-                self._notify()
             timings.update(result["timings"])
-            done = self.store.get(job_id)
-            if done is None or done["status"] != "in_progress":
-                return
-            final = {**done, "status": "completed", "phase": "completed", "progress": 100, "step": job["total_steps"],
-                     "completed_at": int(time.time()), "timings": _rounded(timings),
-                     "memory_policy": result["memory_policy"], "peak_gpu_memory_bytes": result["peak_gpu_bytes"]}
-            self.store.write_result(final, result["mp4"], result["thumbnail"])
-            self.store.update(job_id, owner, **{k: v for k, v in final.items() if k != "queue_position"})
+            await self._complete(job_id, owner, result, timings)
             log.info("job %s completed in %.1fs (request %s)", job_id, time.time() - started, job["request_id"])
         except asyncio.CancelledError:
             raise
@@ -449,16 +482,31 @@ class Gateway:
             self.running.pop(job_id, None)
             renewal.cancel()
 
+    async def _complete(self, job_id: str, owner: str, result: dict, timings: dict[str, float]) -> None:
+        """Files first, then the row: a job is never "completed" without its whole video on disk."""
+        current = self.store.get(job_id)
+        if current is None or current["status"] != "in_progress":
+            return
+        final = {"status": "completed", "phase": "completed", "progress": 100, "step": current["total_steps"],
+                 "completed_at": int(time.time()), "timings": _rounded(timings),
+                 "memory_policy": result["memory_policy"], "peak_gpu_memory_bytes": result["peak_gpu_bytes"]}
+        await asyncio.to_thread(self.store.write_result, {**current, **final}, result["mp4"], result["thumbnail"])
+        if not self._progress(job_id, owner, **final):
+            latest = self.store.get(job_id)
+            if latest is None or latest["status"] == "cancelled":
+                self.store.delete_files(job_id)  # cancelled while the files were written
+
     def _fail_or_retry(self, job: dict, owner: str, error: Exception) -> None:
         code, message = classify_error(error)
-        if self.store.get(job["id"]) is None or self.store.get(job["id"])["status"] == "cancelled":
-            return
+        current = self.store.get(job["id"])
+        if current is None or current["status"] != "in_progress":
+            return  # cancelled or deleted: the stream's error is the cancellation itself
         if code == "stage_unavailable" and job["attempts"] < self.max_attempts:
             log.warning("job %s attempt %d failed (%s); queued again", job["id"], job["attempts"], message)
-            self.store.update(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
+            self._progress(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
             return
         log.error("job %s failed: %s (request %s)", job["id"], message, job["request_id"])
-        self.store.update(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
+        self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
 
     async def _renew(self, job_id: str, owner: str) -> None:
         """Keep the lease while the job runs; if it is gone (cancelled elsewhere), stop the stream."""

@@ -2,9 +2,12 @@
 
 Every accepted job is a row before the client hears 202, so a restart loses nothing: finished
 videos stay downloadable and unfinished jobs are claimed again (at least once). A runner holds a
-lease on the job it runs and renews it; with several gateway replicas another may take the job over
-only once that lease has expired. Files are written under a temporary name and renamed, and a job
-is marked completed only after its files exist, so a partial video is never served.
+lease on the job it runs and renews it, so each job has one runner even with several gateway
+replicas. Another runner takes a job over at once when its owner is known dead (`requeue_orphans`:
+a restarted gateway resumes its jobs immediately), or once the lease expires (`lease_seconds`, 30 s
+by default: only a runner that is alive but stuck waits that long). Files are written under a
+temporary name and renamed, and a job is marked completed only after its files exist, so a partial
+video is never served.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from deployments.protocol import TERMINAL_STATUSES
+
 JOB_ID = re.compile(r"^video_[0-9a-f]{24}$")
 ACTIVE = ("queued", "in_progress")
+EVENT_RETENTION_S = 600  # SSE readers start from the current state, so old events serve no one
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -38,6 +46,7 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL,
+    at REAL NOT NULL,
     job TEXT NOT NULL                            -- the job object after this event
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq);
@@ -53,6 +62,7 @@ def new_job_id() -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the folder: readers see the old file or the whole new one."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -63,9 +73,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut before the job row says "completed"
+    finally:
+        os.close(folder)
 
 
 class JobStore:
+    """One SQLite connection per process, shared by its tasks and threads under a lock.
+
+    Several gateway replicas (processes) share the file; SQLite's own locking orders their writes.
+    """
+
     def __init__(self, output_dir: str | os.PathLike):
         self.output_dir = Path(output_dir)
         self.video_dir = self.output_dir / "videos"
@@ -77,22 +97,17 @@ class JobStore:
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
-    # -- transactions -------------------------------------------------------------------------
-
-    def _transaction(self):
-        store = self
-
-        class Transaction:
-            def __enter__(self):
-                store._lock.acquire()
-                store._db.execute("BEGIN IMMEDIATE")
-                return store._db
-
-            def __exit__(self, kind, value, traceback):
-                store._db.execute("COMMIT" if kind is None else "ROLLBACK")
-                store._lock.release()
-
-        return Transaction()
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so read-then-write steps never interleave."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -100,34 +115,44 @@ class JobStore:
 
     @staticmethod
     def _save(db: sqlite3.Connection, job: dict, **columns: Any) -> None:
+        """Store the job object and record it as an event (what SSE streams relay)."""
+        now = time.time()
         sets = ", ".join(f"{name} = ?" for name in ("status", "job", *columns))
         db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (job["status"], json.dumps(job), *columns.values(), job["id"]))
-        db.execute("INSERT INTO events (job_id, job) VALUES (?, ?)", (job["id"], json.dumps(job)))
+        db.execute("INSERT INTO events (job_id, at, job) VALUES (?, ?, ?)", (job["id"], now, json.dumps(job)))
+        if job["status"] in TERMINAL_STATUSES:
+            db.execute("DELETE FROM events WHERE at < ?", (now - EVENT_RETENTION_S,))
+
+    def _shown(self, row: sqlite3.Row) -> dict:
+        """The job object as users see it: stored fields plus the live queue position."""
+        job = json.loads(row["job"])
+        job["queue_position"] = self._queue_position(row["seq"]) if row["status"] == "queued" else None
+        return job
 
     # -- submit and read ----------------------------------------------------------------------
 
     def create(self, job: dict, work: dict, max_pending: int) -> dict:
+        """Add a queued job, or raise QueueFull when max_pending jobs already wait."""
         with self._transaction() as db:
             pending = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()[0]
             if pending >= max_pending:
                 raise QueueFull(f"{pending} jobs are waiting (max_pending_jobs = {max_pending})")
             db.execute("INSERT INTO jobs (id, status, job, work) VALUES (?, ?, ?, ?)", (job["id"], job["status"], json.dumps(job), json.dumps(work)))
-            db.execute("INSERT INTO events (job_id, job) VALUES (?, ?)", (job["id"], json.dumps(job)))
+            db.execute("INSERT INTO events (job_id, at, job) VALUES (?, ?, ?)", (job["id"], time.time(), json.dumps(job)))
         return self.get(job["id"])
 
     def get(self, job_id: str) -> dict | None:
         rows = self._read("SELECT seq, status, job FROM jobs WHERE id = ?", (job_id,))
-        if not rows:
-            return None
-        job = json.loads(rows[0]["job"])
-        job["queue_position"] = self._queue_position(rows[0]["seq"]) if rows[0]["status"] == "queued" else None
-        return job
+        return self._shown(rows[0]) if rows else None
 
     def _queue_position(self, seq: int) -> int:
         return self._read("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq <= ?", (seq,))[0][0]
 
-    def list(self, limit: int, after: str | None, status: str | None, order: str = "desc") -> tuple[list[dict], bool]:
-        """Newest first by default; `after` is the id of the last job of the previous page."""
+    def list(self, limit: int, after: str | None = None, status: str | None = None, order: str = "desc") -> tuple[list[dict], bool]:
+        """A page of jobs in submission order (newest first by default) and whether more follow.
+
+        `after` is the id of the last job of the previous page; an unknown id raises KeyError.
+        """
         clauses, args = [], []
         if status:
             clauses.append("status = ?")
@@ -140,15 +165,8 @@ class JobStore:
             args.append(anchor[0]["seq"])
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         direction = "DESC" if order == "desc" else "ASC"
-        rows = self._read(f"SELECT id FROM jobs {where} ORDER BY seq {direction} LIMIT ?", (*args, limit + 1))
-        jobs = [self.get(row["id"]) for row in rows[:limit]]
-        return [job for job in jobs if job is not None], len(rows) > limit
-
-    def pending_count(self) -> int:
-        return self._read("SELECT COUNT(*) FROM jobs WHERE status = 'queued'")[0][0]
-
-    def count_by_status(self) -> dict[str, int]:
-        return {row[0]: row[1] for row in self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")}
+        rows = self._read(f"SELECT seq, status, job FROM jobs {where} ORDER BY seq {direction} LIMIT ?", (*args, limit + 1))
+        return [self._shown(row) for row in rows[:limit]], len(rows) > limit
 
     def events_after(self, job_id: str, seq: int) -> list[tuple[int, dict]]:
         rows = self._read("SELECT seq, job FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq))
@@ -159,10 +177,17 @@ class JobStore:
 
     # -- running ------------------------------------------------------------------------------
 
-    def claim(self, owner: str, lease_seconds: float) -> tuple[dict, dict] | None:
-        """Take the oldest runnable job: queued, or in progress under a lease that has expired."""
+    def claim(self, owner: str, lease_seconds: float, capacity: int) -> tuple[dict, dict] | None:
+        """Take the oldest runnable job: queued, or in progress under a lease that has expired.
+
+        At most `capacity` jobs (the generator replicas) run at once across all gateway replicas,
+        so jobs start in submission order and the rest show a queue position.
+        """
         now = time.time()
         with self._transaction() as db:
+            running = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'in_progress' AND lease_expires >= ?", (now,)).fetchone()[0]
+            if running >= capacity:
+                return None
             row = db.execute(
                 "SELECT id, job, work, attempts FROM jobs WHERE status = 'queued' "
                 "OR (status = 'in_progress' AND lease_expires < ?) ORDER BY seq LIMIT 1",
@@ -170,10 +195,30 @@ class JobStore:
             ).fetchone()
             if row is None:
                 return None
+            attempts = row["attempts"] + 1
             job = json.loads(row["job"])
-            job.update(status="in_progress", phase="starting", attempts=row["attempts"] + 1, started_at=int(now), error=None)
-            self._save(db, job, lease_owner=owner, lease_expires=now + lease_seconds, attempts=row["attempts"] + 1)
+            job.update(status="in_progress", phase="starting", step=0, progress=0, attempts=attempts,
+                       started_at=int(now), queue_position=None, error=None)
+            self._save(db, job, lease_owner=owner, lease_expires=now + lease_seconds, attempts=attempts)
         return job, json.loads(row["work"])
+
+    def requeue_orphans(self, is_alive: Callable[[str], bool]) -> list[str]:
+        """Queue again, keeping their place, the running jobs whose lease owner is known to be dead.
+
+        Without this a restarted gateway would wait out the dead owner's lease before rerunning them.
+        """
+        owners = [row[0] for row in self._read("SELECT DISTINCT lease_owner FROM jobs WHERE status = 'in_progress'")]
+        dead = [owner for owner in owners if not is_alive(owner)]
+        requeued: list[str] = []
+        if not dead:
+            return requeued
+        with self._transaction() as db:
+            for owner in dead:
+                for row in db.execute("SELECT job FROM jobs WHERE status = 'in_progress' AND lease_owner = ?", (owner,)).fetchall():
+                    job = {**json.loads(row["job"]), "status": "queued", "phase": "queued", "step": 0, "progress": 0}
+                    self._save(db, job, lease_owner=None, lease_expires=None)
+                    requeued.append(job["id"])
+        return requeued
 
     def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
         """Extend the lease; False when the job is no longer ours to run (cancelled, deleted, taken)."""
@@ -205,7 +250,7 @@ class JobStore:
                 return None
             job = json.loads(row["job"])
             if job["status"] in ACTIVE:
-                job.update(status="cancelled", phase="cancelled", completed_at=int(time.time()))
+                job.update(status="cancelled", phase="cancelled", queue_position=None, completed_at=int(time.time()))
                 self._save(db, job, lease_owner=None, lease_expires=None)
         return job
 
@@ -213,8 +258,7 @@ class JobStore:
         with self._transaction() as db:
             deleted = db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount == 1
             db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
-        for path in self.files(job_id).values():
-            path.unlink(missing_ok=True)
+        self.delete_files(job_id)
         return deleted
 
     # -- files --------------------------------------------------------------------------------
@@ -231,3 +275,7 @@ class JobStore:
         write_atomic(paths["video"], mp4)
         write_atomic(paths["thumbnail"], thumbnail)
         write_atomic(paths["sidecar"], json.dumps(job, indent=2, ensure_ascii=False).encode())
+
+    def delete_files(self, job_id: str) -> None:
+        for path in self.files(job_id).values():
+            path.unlink(missing_ok=True)
