@@ -258,14 +258,18 @@ class Gateway:
         return job
 
     async def _request_fields(self, request: Request) -> dict:
-        """JSON, or multipart/urlencoded form (OpenAI's SDK sends form data), validated alike."""
+        """JSON, or multipart/urlencoded form (OpenAI's SDK sends form data), validated alike.
+
+        An empty form field means "not given" (the SDK sends None as ""); an uploaded file, such as
+        OpenAI's input_reference, is kept so that validation rejects it by name.
+        """
         content_type = request.headers.get("content-type", "")
         if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
             try:
                 form = await request.form()
             except Exception as error:  # noqa: BLE001 - a malformed form is the client's error
                 raise ApiError(400, "invalid_body", f"body: unreadable form data ({error})") from None
-            return {key: value for key, value in form.items() if isinstance(value, str)}
+            return {key: value for key, value in form.items() if value != ""}
         raw = await request.body()
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -334,16 +338,20 @@ class Gateway:
 
     @app.get("/v1/videos/{video_id}/content")
     async def content(self, video_id: str, variant: str = Query("video", pattern="^(video|thumbnail)$")) -> Response:
+        """The MP4 (with Range support) or a JPEG of its first frame, once the job is completed."""
         job = self._job(video_id)
         if job["status"] != "completed":
-            raise ApiError(409, "not_ready", f"video {video_id} is {job['status']}; content exists once it is completed")
+            message = f"video {video_id} is {job['status']} ({job['progress']}%); content exists once it is completed"
+            raise ApiError(409, "not_ready", message, [{"field": "status", "value": job["status"], "message": message}])
         path = self.store.files(video_id)["thumbnail" if variant == "thumbnail" else "video"]
+        if not path.exists():
+            raise ApiError(404, "file_missing", f"video {video_id} is completed but its {variant} file is gone from the output folder")
         media_type = "image/jpeg" if variant == "thumbnail" else "video/mp4"
         return FileResponse(path, media_type=media_type, filename=f"{video_id}{path.suffix}")
 
     @app.delete("/v1/videos/{video_id}")
     async def delete(self, video_id: str) -> dict:
-        """Cancels a queued or running job; deletes a finished one and its files."""
+        """Cancels a queued or running job (returning it); deletes a finished one and its files."""
         job = self._job(video_id)
         if job["status"] in ("queued", "in_progress"):
             return self._cancel(video_id)
@@ -355,17 +363,22 @@ class Gateway:
         stream = self.running.get(job_id)
         if stream is not None:
             stream.cancel()  # this replica runs it: stop the generator now, not at the next step
+        self._notify()
         return job
 
     # -- live progress ------------------------------------------------------------------------
 
     @app.get("/v1/videos/{video_id}/events")
     async def events(self, video_id: str) -> StreamingResponse:
-        """Server-Sent Events: the current state first, then one event per step and phase change."""
+        """Server-Sent Events: the current state first, then one event per step and phase change.
+
+        A reconnecting client gets the current state, then what changes after it; the stream ends
+        with a `done` event carrying the terminal job.
+        """
+        seq = self.store.last_event_seq(video_id)  # before reading the state: no change falls between
         job = self._job(video_id)
 
-        async def stream():
-            seq = self.store.last_event_seq(video_id)
+        async def stream(seq: int):
             yield _sse("state", job)
             if job["status"] in TERMINAL_STATUSES:
                 yield _sse("done", job)
@@ -381,7 +394,7 @@ class Gateway:
                     return
                 await self._changed_or_timeout(1.0)
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(seq), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def _changed_or_timeout(self, seconds: float) -> None:
         try:
