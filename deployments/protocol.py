@@ -89,7 +89,7 @@ class VideoJob(BaseModel):
     created_at: int
     started_at: int | None = None
     completed_at: int | None = None
-    expires_at: int | None = None
+    expires_at: int | None = None  # OpenAI's field; always null: videos stay until DELETE
     model: str
     demo_model: bool
     prompt: str
