@@ -6,6 +6,7 @@ caller passes real-token embeddings and this module pads them to the DiT's 512-t
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,12 +32,43 @@ class GenerationResult:
     peak_gpu_bytes: int | None = None
 
 
-class VideoModel:
-    """DiT + VAE placed by a memory policy; `generate` is one video."""
+STEP_CACHES = ("first_block", "taylorseer")
 
-    def __init__(self, transformer, vae, device: torch.device, policy: MemoryPolicy = MemoryPolicy.RESIDENT):
+
+class VideoModel:
+    """DiT + VAE placed by a memory policy; `generate` is one video.
+
+    `uncond_device`: a second device that holds a copy of the DiT for the unconditional branch
+    (CFG-parallel: one GPU per branch, same output, about half the step time).
+    """
+
+    def __init__(
+        self,
+        transformer,
+        vae,
+        device: torch.device,
+        policy: MemoryPolicy = MemoryPolicy.RESIDENT,
+        uncond_device: torch.device | None = None,
+    ):
         self.models = PlacedModels(transformer, vae, device, policy)
         self.device = device
+        self.uncond_transformer = None
+        if uncond_device is not None:
+            if self.models.policy is not MemoryPolicy.RESIDENT:
+                raise ValueError("CFG-parallel keeps both DiT copies resident; use memory policy 'resident'")
+            self.uncond_transformer = copy.deepcopy(transformer).to(uncond_device)
+        self.step_cache: str | None = None
+
+    def enable_step_cache(self, kind: str, **options) -> None:
+        """Opt-in step caching through diffusers' cache hooks; approximate, so off unless asked for."""
+        from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+        configs = {"first_block": FirstBlockCacheConfig, "taylorseer": TaylorSeerCacheConfig}
+        if kind not in configs:
+            raise ValueError(f"unknown step cache {kind!r}; allowed: {', '.join(STEP_CACHES)}")
+        for model in filter(None, (self.models.transformer, self.uncond_transformer)):
+            model.enable_cache(configs[kind](**options))
+        self.step_cache = kind
 
     @classmethod
     def load(
@@ -45,10 +77,11 @@ class VideoModel:
         device: torch.device,
         policy: MemoryPolicy = MemoryPolicy.RESIDENT,
         vae_dtype: torch.dtype = torch.float32,
+        uncond_device: torch.device | None = None,
     ) -> VideoModel:
         dit_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         started = time.perf_counter()
-        model = cls(load_transformer(source, dit_dtype), load_vae(source, vae_dtype), device, policy)
+        model = cls(load_transformer(source, dit_dtype), load_vae(source, vae_dtype), device, policy, uncond_device)
         log.info("loaded DiT (%s) + VAE (%s) from %s in %.1fs", dit_dtype, vae_dtype, source.folder, time.perf_counter() - started)
         return model
 
@@ -58,7 +91,8 @@ class VideoModel:
         The first call at each new shape compiles; warming with the expected shape at replica start
         means no request pays for it. Returns the seconds the warm-up took.
         """
-        self.models.transformer.compile_repeated_blocks(fullgraph=True)
+        for model in filter(None, (self.models.transformer, self.uncond_transformer)):
+            model.compile_repeated_blocks(fullgraph=True)
         if warm_params is None:
             return 0.0
         started = time.perf_counter()
@@ -105,8 +139,11 @@ class VideoModel:
         )
         timings: dict[str, float] = {}
         started = time.perf_counter()
+        if self.step_cache is not None:
+            for model in filter(None, (self.models.transformer, self.uncond_transformer)):
+                model._reset_stateful_cache()  # each video starts with an empty cache
         with self.models.denoising():
-            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel)
+            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel, self.uncond_transformer)
         timings["denoise"] = time.perf_counter() - started
 
         if on_progress is not None:

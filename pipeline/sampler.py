@@ -7,7 +7,9 @@ guidance -> one UniPC step. Nothing here knows about Ray or HTTP.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,43 +81,65 @@ def denoise(
     device: torch.device,
     on_progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
-    predict: Callable[..., torch.Tensor] | None = None,
+    uncond_transformer=None,
 ) -> torch.Tensor:
     """Run the sampler and return the final float32 latents [1, 16, T, H/8, W/8].
 
-    `predict(latents, timestep, context)` runs one DiT pass; it defaults to calling `transformer`
-    and exists so a memory policy or CFG-parallel runner can supply its own.
+    `uncond_transformer`: a copy of the DiT on a second GPU; the unconditional pass then runs there,
+    from its own thread, at the same time as the conditional one (CFG-parallel, same output).
     """
     dtype = transformer.dtype
-    predict = predict or _dit_pass(transformer)
     scheduler = make_scheduler(request.steps, request.shift, device)
     scheduler.set_begin_index(0)
     use_guidance = request.guide_scale > 1.0
-    context = request.context.to(device, dtype)
-    negative_context = request.negative_context.to(device, dtype) if use_guidance else None
+    predict_cond = _dit_pass(transformer, "cond", request.context.to(device, dtype))
+    if use_guidance:
+        uncond_model = uncond_transformer if uncond_transformer is not None else transformer
+        uncond_device = next(uncond_model.parameters()).device if uncond_transformer is not None else device
+        predict_uncond = _dit_pass(uncond_model, "uncond", request.negative_context.to(uncond_device, dtype))
+    side_thread = ThreadPoolExecutor(max_workers=1) if uncond_transformer is not None and use_guidance else None
 
     shape = latent_shape(request.frame_num, request.height, request.width, transformer.config.in_channels)
     latents = initial_noise(shape, request.seed, device)
-
-    for i, t in enumerate(scheduler.timesteps):
-        if should_cancel is not None and should_cancel():
-            raise GenerationCancelled(f"cancelled before step {i + 1} of {request.steps}")
-        model_input = latents.to(dtype)
-        timestep = t.expand(latents.shape[0])
-        # The official DiT returns float32, so guidance is computed in float32.
-        noise_pred = predict(model_input, timestep, context).float()
-        if use_guidance:
-            noise_uncond = predict(model_input, timestep, negative_context).float()
-            noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
-        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        if on_progress is not None:
-            on_progress("denoise", i + 1, request.steps)
+    try:
+        for i, t in enumerate(scheduler.timesteps):
+            if should_cancel is not None and should_cancel():
+                raise GenerationCancelled(f"cancelled before step {i + 1} of {request.steps}")
+            model_input = latents.to(dtype)
+            timestep = t.expand(latents.shape[0])
+            # The official DiT returns float32, so guidance is computed in float32.
+            if side_thread is not None:
+                uncond_future = side_thread.submit(predict_uncond, model_input, timestep)
+            noise_pred = predict_cond(model_input, timestep).float()
+            if use_guidance:
+                if side_thread is not None:
+                    noise_uncond = uncond_future.result().to(device).float()
+                else:
+                    noise_uncond = predict_uncond(model_input, timestep).float()
+                noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if on_progress is not None:
+                on_progress("denoise", i + 1, request.steps)
+    finally:
+        if side_thread is not None:
+            side_thread.shutdown(wait=True)
     return latents
 
 
-def _dit_pass(transformer) -> Callable[..., torch.Tensor]:
+def _dit_pass(transformer, branch: str, context: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """One DiT forward for the `cond` or `uncond` branch, inside its own device and cache context.
+
+    The named cache context keeps diffusers' step-cache hooks (first-block cache, TaylorSeer) from
+    mixing the two branches' states; without a cache it does nothing.
+    """
+    device = context.device
+
     @torch.inference_mode()
-    def predict(latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
+    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            with transformer.cache_context(branch):
+                return transformer(
+                    hidden_states=latents.to(device), timestep=timestep.to(device), encoder_hidden_states=context, return_dict=False
+                )[0]
 
     return predict
