@@ -42,6 +42,13 @@ class TextEncoderOptions(Strict):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
 
 
+class StepCacheOptions(Strict):
+    """Opt-in step caching (diffusers hooks): faster, approximate; `options` go to the hook's config."""
+
+    kind: Literal["first_block", "taylorseer"]
+    options: dict[str, Any] = {}
+
+
 class GeneratorOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -53,6 +60,17 @@ class GeneratorOptions(Strict):
     # Regional torch.compile of the DiT blocks, warmed at replica start for the default size and
     # frame count: -16 % per step on an H100 (bench/results), about 20 s more start-up.
     compile: bool = False
+    # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
+    cfg_parallel: bool = False
+    step_cache: StepCacheOptions | None = None
+
+    @model_validator(mode="after")
+    def _two_gpus_for_cfg_parallel(self) -> GeneratorOptions:
+        if self.cfg_parallel and self.gpus_per_replica != 2:
+            raise ValueError("cfg_parallel needs gpus_per_replica: 2 (one GPU per guidance branch)")
+        if self.cfg_parallel and self.memory_policy is not MemoryPolicy.RESIDENT:
+            raise ValueError("cfg_parallel keeps both DiT copies resident: use memory_policy resident")
+        return self
 
 
 class GatewayOptions(Strict):
@@ -137,6 +155,8 @@ def build(args: AppArgs) -> serve.Application:
         gen.vae_dtype,
         gen.honor_request_offload,
         {**args.defaults.given(), **args.pins.given()} if gen.compile else None,
+        gen.cfg_parallel,
+        gen.step_cache.model_dump() if gen.step_cache else None,
     )
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)

@@ -40,12 +40,22 @@ class VideoGenerator:
         vae_dtype: str,
         honor_request_offload: bool,
         compile_for: dict | None = None,
+        cfg_parallel: bool = False,
+        step_cache: dict | None = None,
     ):
         """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager."""
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
             device = "cpu"
-        self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype))
+        uncond_device = None
+        if cfg_parallel:
+            if device == "cuda" and torch.cuda.device_count() >= 2:
+                uncond_device = torch.device("cuda:1")
+            else:
+                log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
+        self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype), uncond_device)
+        if step_cache is not None:
+            self.model.enable_step_cache(step_cache["kind"], **step_cache["options"])
         if compile_for is not None:
             warm = GenerationParams(prompt="warm-up", **{k: v for k, v in compile_for.items() if k in ("size", "frame_num")})
             log.info("compiled DiT blocks, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, self.model.compile_blocks(warm))
