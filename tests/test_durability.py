@@ -2,7 +2,8 @@
 
 Finished videos still download, the interrupted job runs again at once (not after its lease, made
 five minutes long here, since its owner is known dead) and completes, the queued one after it too,
-and the list holds each job exactly once.
+and the list holds each job exactly once. The second deployment has two gateway replicas, which
+race for every job: the leases let exactly one run each.
 """
 
 import os
@@ -43,7 +44,7 @@ def test_a_hard_stop_loses_no_job(serve_instance, tmp_path_factory):
     killed = time.time()
     assert kill_replicas(APP) == 3  # gateway, text encoder, generator
     serve.delete(APP)
-    app = deploy(serve_instance, APP, args)
+    app = deploy(serve_instance, APP, tiny_args(args["output_dir"], lease_seconds=300, gateway={"num_replicas": 2}))
     try:
         with app.client() as client:
             again = poll(client, interrupted["id"], lambda job: job["attempts"] >= 2 and job["status"] != "queued", timeout=10)
