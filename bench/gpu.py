@@ -176,7 +176,7 @@ class Bench:
             "mp4_write_s": round(mp4_s, 2),
             "generate_s": round(total_s, 2),
             "peak_gib": round(result.peak_gpu_bytes / GIB, 2),
-            "_latents": captured["latents"],
+            "_latents": captured["latents"].to(DEVICE),
         }
 
     def end_to_end(self, run: dict) -> float:
@@ -318,6 +318,50 @@ class Bench:
             out[name]["psnr_db_vs_fp32"] = round(10 * torch.log10(torch.tensor(255.0**2 / max(mse, 1e-12))).item(), 2)
         return out
 
+    def cfg_parallel(self) -> dict:
+        """Two GPUs, one process: conditional branch on cuda:0, unconditional on cuda:1 (exact, then compiled)."""
+        if torch.cuda.device_count() < 2:
+            raise RuntimeError("needs two GPUs")
+        out = {}
+        for name, compiled in (("eager", False), ("compiled", True)):
+            model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT, uncond_device=torch.device("cuda:1"))
+            warm_s = model.compile_blocks(self.params) if compiled else 0.0
+            run = self.run_ours(model, self.params)
+            run.update(self.check_latents(run))
+            run["end_to_end_s"] = self.end_to_end(run)
+            if compiled:
+                run["compile_warmup_s"] = round(warm_s, 1)
+            out[name] = run
+            del model
+            reset_memory()
+        return out
+
+    def step_cache(self) -> dict:
+        """Opt-in caching on one GPU (and with CFG-parallel + compile where two GPUs exist)."""
+        out = {}
+        caches = {
+            "first_block_0.05": ("first_block", {"threshold": 0.05}),
+            "taylorseer_interval5": ("taylorseer", {"cache_interval": 5, "disable_cache_before_step": 3}),
+        }
+        for name, (kind, options) in caches.items():
+            model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT)
+            model.enable_step_cache(kind, **options)
+            run = self.run_ours(model, self.params)
+            run.update(self.check_latents(run))
+            run["end_to_end_s"] = self.end_to_end(run)
+            out[name] = run
+            del model
+            reset_memory()
+        if torch.cuda.device_count() >= 2:
+            kind, options = caches["first_block_0.05"]
+            model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT, uncond_device=torch.device("cuda:1"))
+            model.enable_step_cache(kind, **options)
+            run = self.run_ours(model, self.params)
+            run.update(self.check_latents(run))
+            run["end_to_end_s"] = self.end_to_end(run)
+            out["first_block_0.05_cfg_parallel"] = run
+        return out
+
     def policies(self) -> dict:
         params = self.params.model_copy(update={"sample_steps": self.args.policy_steps})
         out = {}
@@ -360,6 +404,12 @@ def markdown(results: dict) -> str:
         f"| ours, resident + compiled blocks | {get('compiled', 'per_step_s')} | {get('compiled', 'generate_s')} | {get('compiled', 'end_to_end_s')} | {get('compiled', 'peak_gib')} | {get('compiled', 'latents_rel_error_vs_reference')} |",
         "",
     ]
+    for section in ("cfg_parallel", "step_cache"):
+        runs = {k: v for k, v in results.get(section, {}).items() if isinstance(v, dict)}
+        if runs:
+            lines += [f"| {section} | s/step | end to end s | peak GiB | latents vs reference |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {k} | {v.get('per_step_s')} | {v.get('end_to_end_s')} | {v.get('peak_gib')} | {v.get('latents_rel_error_vs_reference')} |" for k, v in runs.items()]
+            lines.append("")
     policies = results.get("policies", {})
     if "resident" in policies:
         lines += ["| memory policy | s/step | generate s | peak GiB | slowdown vs resident |", "| --- | --- | --- | --- | --- |"]
@@ -384,7 +434,8 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="*", default=["text", "diffusers", "resident", "compiled", "vae", "policies"])
+    parser.add_argument("sections", nargs="*", default=["text", "diffusers", "resident", "compiled", "vae", "policies"],
+                        help="also: cfg_parallel, step_cache (after resident, whose latents are the reference)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--policy-steps", type=int, default=10)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))

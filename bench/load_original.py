@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -98,7 +97,10 @@ def evict_from_page_cache(folder: Path) -> None:
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This address space's high-water RSS (VmHWM). Not ru_maxrss: Linux carries that across
+    fork+exec, so a spawned child would report its parent's peak (20 GB after writing the folder)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
 def time_part(folder: str, part: str, device_name: str) -> dict:
