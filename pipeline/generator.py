@@ -66,6 +66,10 @@ class VideoModel:
         configs = {"first_block": FirstBlockCacheConfig, "taylorseer": TaylorSeerCacheConfig}
         if kind not in configs:
             raise ValueError(f"unknown step cache {kind!r}; allowed: {', '.join(STEP_CACHES)}")
+        if kind == "taylorseer":
+            # diffusers' default patterns (`^blocks.*attn`, full match) hook none of Wan's `attn1`/`attn2`:
+            # forecast whole transformer blocks instead.
+            options.setdefault("cache_identifiers", [r"^blocks\.\d+$"])
         for model in filter(None, (self.models.transformer, self.uncond_transformer)):
             model.enable_cache(configs[kind](**options))
         self.step_cache = kind

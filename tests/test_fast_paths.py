@@ -51,15 +51,16 @@ def test_cfg_parallel_copy_gives_the_same_frames(demo_source, embeddings):
 
 @pytest.mark.parametrize("kind", ["first_block", "taylorseer"])
 def test_step_cache_is_opt_in_and_stays_near_the_exact_output(demo_source, embeddings, kind):
-    exact = generate(demo_source, embeddings)
     model = VideoModel.load(demo_source, torch.device("cpu"))
-    options = {"threshold": 0.05} if kind == "first_block" else {"cache_interval": 2, "disable_cache_before_step": 1}
+    # Aggressive settings so the tiny random model really reuses cached steps.
+    options = {"threshold": 100.0} if kind == "first_block" else {"cache_interval": 2, "disable_cache_before_step": 1}
     model.enable_step_cache(kind, **options)
     params = PARAMS.model_copy(update={"sample_steps": 4})
     cached = model.generate(params, *embeddings).frames.astype(np.float64)
     model_exact = VideoModel.load(demo_source, torch.device("cpu"))
     exact = model_exact.generate(params, *embeddings).frames.astype(np.float64)
     assert cached.shape == exact.shape
-    assert np.abs(cached - exact).mean() < 40  # approximate by design; the GPU bench reports the real figure
+    difference = np.abs(cached - exact).mean()
+    assert 0 < difference < 40  # engaged (output moved), approximate by design; the GPU bench reports the real figure
     with pytest.raises(ValueError, match="unknown step cache"):
         model.enable_step_cache("magic")
