@@ -96,7 +96,11 @@ class AppArgs(Strict):
     limits: OutputLimits = OutputLimits()
     output_dir: str = "outputs"
     max_pending_jobs: int = Field(default=64, ge=1)
+    # A running job's lease: a gateway replica that is alive but stuck loses its job to another after
+    # this long (a dead replica's jobs are re-queued at once).
     lease_seconds: float = Field(default=30.0, gt=0)
+    # Runs of one job when a model replica dies under it; then the job ends `failed`.
+    max_attempts: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
     def _one_encoder_at_least(self) -> AppArgs:
@@ -168,6 +172,7 @@ def build(args: AppArgs) -> serve.Application:
         "output_dir": str(Path(args.output_dir).expanduser().resolve()),
         "max_pending_jobs": args.max_pending_jobs,
         "lease_seconds": args.lease_seconds,
+        "max_attempts": args.max_attempts,
         "concurrent_jobs": max_generators,
         "memory_policy": policy.value,
         "honor_request_offload": gen.honor_request_offload,

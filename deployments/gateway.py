@@ -40,6 +40,7 @@ log = logging.getLogger("ray.serve")
 WEB_DIR = Path(__file__).parent / "web"
 SERVE_NAMESPACE = "serve"  # where Serve names its replica actors (a replica's own namespace is the driver's)
 RECOVER_EVERY_S = 5.0  # how often a gateway looks for jobs left running by a dead replica
+SSE_KEEPALIVE_S = 15.0
 PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
 
 
@@ -131,7 +132,7 @@ class Gateway:
         self.defaults = ParamOverrides(**settings["defaults"])
         self.limits = settings["limits"]
         self.lease_seconds = settings["lease_seconds"]
-        self.max_attempts = settings.get("max_attempts", 3)
+        self.max_attempts = settings["max_attempts"]
         self.store = JobStore(settings["output_dir"])
         self.owner = ray.get_runtime_context().get_actor_name()  # what replica_alive looks up
         self.wakeup = asyncio.Event()
@@ -383,8 +384,10 @@ class Gateway:
             if job["status"] in TERMINAL_STATUSES:
                 yield _sse("done", job)
                 return
+            quiet_since = time.monotonic()
             while True:
                 for seq, update in self.store.events_after(video_id, seq):
+                    quiet_since = time.monotonic()
                     yield _sse("progress" if update["status"] == "in_progress" else "status", update)
                     if update["status"] in TERMINAL_STATUSES:
                         yield _sse("done", update)
@@ -392,6 +395,9 @@ class Gateway:
                 if self.store.get(video_id) is None:
                     yield _sse("done", {**job, "status": "cancelled", "phase": "deleted"})
                     return
+                if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                    quiet_since = time.monotonic()
+                    yield ": keepalive\n\n"  # a comment line: keeps proxies from timing out a long step
                 await self._changed_or_timeout(1.0)
 
         return StreamingResponse(stream(seq), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
