@@ -1,0 +1,63 @@
+"""Print the README's performance table from the committed result files in bench/results/.
+
+Usage: python bench/report.py [RESULTS_DIR]   (paste the output between the README's markers)
+Each row names the result file it comes from; every comparison is from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+BASE = "nvidia-h100-80gb-hbm3-2026-11-26"
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def end_to_end(run: dict) -> float:
+    """Prompt -> MP4 file where the run recorded it, else generation + MP4 write (no text encode)."""
+    return run.get("end_to_end_s") or run["generate_s"] + run.get("mp4_write_s", 0)
+
+
+def main() -> None:
+    main_run, policies, cfg, cache = (load(BASE), load(f"{BASE}-policies50")["policies"], load(f"{BASE}-cfg-cache"), load(f"{BASE}-step-cache"))
+    rows = [
+        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, BASE),
+        ("ours, exact", main_run["resident"], main_run["diffusers"], BASE),
+        ("ours, compiled DiT blocks", main_run["compiled"], main_run["diffusers"], BASE),
+        ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50"),
+        ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50"),
+        ("ours, exact, one GPU (2-GPU host)", cfg["resident"], None, f"{BASE}-cfg-cache"),
+        ("ours, CFG-parallel, 2 GPUs, exact", cfg["cfg_parallel"]["eager"], cfg["resident"], f"{BASE}-cfg-cache"),
+        ("ours, CFG-parallel, 2 GPUs, compiled", cfg["cfg_parallel"]["compiled"], cfg["resident"], f"{BASE}-cfg-cache"),
+        ("ours, exact (cache run)", cache["resident"], None, f"{BASE}-step-cache"),
+        ("ours, TaylorSeer step cache (opt-in)", cache["step_cache"]["taylorseer_interval5"], cache["resident"], f"{BASE}-step-cache"),
+    ]
+    print(f"{main_run['device']}, {main_run['date']}; 832x480, 81 frames, 50 steps, guidance 6; random weights of the real shapes.\n")
+    print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs exact | result file |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, run, baseline, source in rows:
+        e2e = end_to_end(run)
+        ratio = f"{e2e / end_to_end(baseline):.2f}×" if baseline else "1.00×"
+        error = run.get("latents_rel_error_vs_reference")
+        error = "0 (reference)" if error is None and "exact" in name else ("—" if error is None else f"{error:.3g}")
+        print(f"| {name} | {run['per_step_s']:.3f} | {e2e:.1f} | {ratio} | {run['peak_gib']} | {error} | `{source}.json` |")
+    text = main_run["text"]
+    vae = main_run["vae"]
+    print(
+        f"\numT5-XXL, 40-token prompt: {text['cpu_bfloat16_16threads_s']} s on 16 CPU cores in bf16 "
+        f"(fp32 {text['cpu_float32_16threads_s']} s), {text['gpu_40_tokens_s']} s on the GPU, {text['cache_hit_s'] * 1000:.2f} ms "
+        f"when cached. VAE decode: fp32 {vae['fp32']['decode_s']} s / {vae['fp32']['peak_gib']} GiB, bf16 "
+        f"{vae['bf16']['decode_s']} s / {vae['bf16']['peak_gib']} GiB at {vae['bf16']['psnr_db_vs_fp32']} dB PSNR against fp32. "
+        f"Stream policy: peak {policies['stream']['peak_gib']} GiB, {policies['stream']['slowdown_vs_resident'] * 100:.1f} % "
+        f"slower than resident over 50 steps; offload: {policies['offload']['peak_gib']} GiB, "
+        f"{policies['offload']['slowdown_vs_resident'] * 100:.1f} % slower."
+    )
+
+
+if __name__ == "__main__":
+    main()
