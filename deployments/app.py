@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 
 from deployments.gateway import Gateway
@@ -52,8 +52,9 @@ class StepCacheOptions(Strict):
 class GeneratorOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
-    gpus_per_replica: Literal["auto"] | float = "auto"
-    num_cpus: float = Field(default=1.0, ge=0)
+    gpus_per_replica: Literal["auto"] | Annotated[float, Field(ge=0)] = "auto"
+    # Half a CPU: the generator's work is on the GPU, and the default app must fit a 2-core machine.
+    num_cpus: float = Field(default=0.5, ge=0)
     memory_policy: MemoryPolicy = MemoryPolicy.RESIDENT
     honor_request_offload: bool = False
     vae_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -63,6 +64,20 @@ class GeneratorOptions(Strict):
     # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
     cfg_parallel: bool = False
     step_cache: StepCacheOptions | None = None
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _known_autoscaling_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Ray drops unknown autoscaling keys silently; a typo here must fail by name."""
+        if value is None:
+            return value
+        from ray.serve.config import AutoscalingConfig
+
+        unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown autoscaling_config key(s) {', '.join(unknown)}; known: {', '.join(sorted(AutoscalingConfig.model_fields))}")
+        AutoscalingConfig(**value)
+        return value
 
     @model_validator(mode="after")
     def _two_gpus_for_cfg_parallel(self) -> GeneratorOptions:
