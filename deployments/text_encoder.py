@@ -32,6 +32,8 @@ class TextEncoder:
                 self.device = torch.device("cuda")
             else:
                 log.warning("TextEncoderGPU found no CUDA device; encoding on the CPU")
+        if options["torch_threads"]:
+            torch.set_num_threads(options["torch_threads"])
         dtype = default_text_dtype(source, self.device) if options["dtype"] == "auto" else parse_dtype(options["dtype"])
         started = time.perf_counter()
         tokenizer, model = load_text_encoder(source, self.device, dtype)
@@ -63,6 +65,7 @@ class TextEncoder:
             "device": str(self.device),
             "dtype": str(self.encoder.dtype).removeprefix("torch."),
             "cuda_initialized": torch.cuda.is_initialized(),
+            "torch_threads": torch.get_num_threads(),
             "cache_hits": self.encoder.cache_hits,
             "cache_misses": self.encoder.cache_misses,
         }

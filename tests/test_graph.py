@@ -69,6 +69,7 @@ class TestGpuGeneratorWithPins:
         args = tiny_args(
             tmp_path_factory.mktemp("graph"),
             generator={"gpus_per_replica": 1},
+            cpu_text_encoder={"torch_threads": 3},
             pins={"sample_shift": 5.0},
             defaults={"sample_steps": 3},
         )
@@ -92,6 +93,7 @@ class TestGpuGeneratorWithPins:
         assert report["video_generator"]["device"] == "cpu"  # placed for CUDA, none here: the CPU, loudly
         encoder = report["text_encoder_cpu"]
         assert encoder["device"] == "cpu" and encoder["cuda_initialized"] is False
+        assert encoder["torch_threads"] == 3  # the operator's thread count, not Ray's one-per-whole-CPU
         assert gpus_by_deployment(self.NAME) == {"TextEncoderCPU": 0, "VideoGenerator": 1, "Gateway": 0}
         details = deployment_details(self.NAME)
         assert details["VideoGenerator"]["required_resources"]["GPU"] == 1
