@@ -162,6 +162,13 @@ class Gateway:
         for name, handle in stages.items():
             try:
                 report[name] = await asyncio.wait_for(handle.describe.remote(), timeout=5)
+            except asyncio.TimeoutError:
+                if name == "video_generator" and self.store.list(1, None, "in_progress")[0]:
+                    # One request at a time per generator replica: the probe waits behind a video.
+                    report[name] = {"busy": True, "note": "generating; the probe is queued behind the job"}
+                    continue
+                report[name] = {"error": "TimeoutError: no answer within 5 s"}
+                ready = False
             except Exception as error:  # noqa: BLE001 - any failure means "not ready"
                 report[name] = {"error": f"{type(error).__name__}: {error}"}
                 ready = False

@@ -163,3 +163,16 @@ def test_a_sync_video_is_a_job_in_the_list(client):
     newest = client.get("/v1/videos", params={"limit": 1}).json()["data"][0]
     assert newest["id"] == video_id and newest["status"] == "completed" and newest["prompt"] == "a sync fox"
     assert client.get(f"/v1/videos/{video_id}/content").content == response.content
+
+
+def test_the_service_stays_ready_while_the_generator_is_busy(client):
+    """The generator takes one request at a time, so the readiness probe queues behind a video."""
+    job = submit(client, **LONG)
+    for _, update, _ in events(client, job["id"]):
+        if update["phase"] == "denoise" and update["step"] >= 1:
+            break
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["stages"]["video_generator"]["busy"] is True
+    client.delete(f"/v1/videos/{job['id']}")
+    assert poll(client, job["id"], finished)["status"] == "cancelled"
