@@ -12,25 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
+from deployments.protocol import OptionalParams
 from pipeline.params import GenerationParams
 
 
-class ParamOverrides(BaseModel):
+class ParamOverrides(OptionalParams):
     """A partial parameter set (pins or defaults); each value is validated like a request's."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    negative_prompt: str | None = None
-    size: str | None = None
-    frame_num: int | None = None
-    sample_steps: int | None = None
-    sample_guide_scale: float | None = None
-    sample_shift: float | None = None
-    seed: int | None = None
-    offload_model: bool | None = None
-    t5_cpu: bool | None = None
 
     @model_validator(mode="after")
     def _values_in_range(self) -> ParamOverrides:

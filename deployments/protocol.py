@@ -23,15 +23,11 @@ ALLOWED_REQUEST = {
 }
 
 
-class VideoCreateRequest(BaseModel):
-    """POST /v1/videos body: the parameter model plus OpenAI's `model` and `seconds`.
-
-    Only the fields a client sent count as "requested"; the gateway fills the rest by precedence.
-    """
+class OptionalParams(BaseModel):
+    """The generation parameters other than the prompt, each optional: None means "not given"."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str
     negative_prompt: str | None = None
     size: str | None = None
     frame_num: int | None = None
@@ -41,6 +37,15 @@ class VideoCreateRequest(BaseModel):
     seed: int | None = None
     offload_model: bool | None = None
     t5_cpu: bool | None = None
+
+
+class VideoCreateRequest(OptionalParams):
+    """POST /v1/videos body: the parameter model plus OpenAI's `model` and `seconds`.
+
+    Only the fields a client sent count as "requested"; the gateway fills the rest by precedence.
+    """
+
+    prompt: str
     model: str | None = None
     seconds: int | None = Field(default=None, ge=1, le=MAX_SECONDS)
 

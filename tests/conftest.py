@@ -8,6 +8,14 @@ import pytest  # noqa: E402
 from pipeline.loading import resolve_model_source  # noqa: E402
 
 
+def count_forward_calls(module):
+    """Yield a list that gains one entry per forward pass of `module` (for use in fixtures)."""
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
 @pytest.fixture(scope="session")
 def demo_source(tmp_path_factory):
     """The built-in demo checkpoint, written once per test session into a temporary cache."""

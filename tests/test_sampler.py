@@ -8,6 +8,7 @@ from pipeline import demo
 from pipeline.generator import VideoModel
 from pipeline.params import GenerationParams
 from pipeline.sampler import DenoiseRequest, GenerationCancelled, denoise, flow_sigmas, make_scheduler
+from conftest import count_forward_calls
 
 CPU = torch.device("cpu")
 SCHEDULES = [(1, 1.0), (4, 8.0), (10, 3.0), (37, 5.0), (50, 8.0), (100, 20.0)]
@@ -56,10 +57,7 @@ def transformer():
 @pytest.fixture
 def dit_calls(transformer):
     """One entry per DiT forward pass during a test."""
-    calls = []
-    handle = transformer.register_forward_hook(lambda *_: calls.append(1))
-    yield calls
-    handle.remove()
+    yield from count_forward_calls(transformer)
 
 
 def small_request(steps, guide_scale):

@@ -6,6 +6,7 @@ import torch
 from pipeline import demo
 from pipeline.loading import ModelSource, default_text_dtype
 from pipeline.text import MAX_TEXT_TOKENS, PromptEncoder, clean_text, pad_context
+from conftest import count_forward_calls
 
 PROMPTS = [
     "a red fox in snow",
@@ -27,10 +28,7 @@ def model(tokenizer):
 @pytest.fixture
 def forward_calls(model):
     """How many times the umT5 encoder ran during a test."""
-    calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
-    yield calls
-    handle.remove()
+    yield from count_forward_calls(model)
 
 
 def make_encoder(tokenizer, model, cache_size=256):
