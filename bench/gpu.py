@@ -386,6 +386,12 @@ class Bench:
         return out
 
 
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table and the blank line after it."""
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows] + [""]
+
+
 def markdown(results: dict) -> str:
     def get(section, key, default="—"):
         value = results.get(section, {}).get(key, default)
@@ -407,28 +413,21 @@ def markdown(results: dict) -> str:
     for section in ("cfg_parallel", "step_cache"):
         runs = {k: v for k, v in results.get(section, {}).items() if isinstance(v, dict)}
         if runs:
-            lines += [f"| {section} | s/step | end to end s | peak GiB | latents vs reference |", "| --- | --- | --- | --- | --- |"]
-            lines += [f"| {k} | {v.get('per_step_s')} | {v.get('end_to_end_s')} | {v.get('peak_gib')} | {v.get('latents_rel_error_vs_reference')} |" for k, v in runs.items()]
-            lines.append("")
+            lines += table([section, "s/step", "end to end s", "peak GiB", "latents vs reference"],
+                           [[k, v.get("per_step_s"), v.get("end_to_end_s"), v.get("peak_gib"), v.get("latents_rel_error_vs_reference")] for k, v in runs.items()])
     policies = results.get("policies", {})
     if "resident" in policies:
-        lines += ["| memory policy | s/step | generate s | peak GiB | slowdown vs resident |", "| --- | --- | --- | --- | --- |"]
-        for name in ("resident", "offload", "stream", "stream_bf16_vae"):
-            run = policies[name]
-            lines.append(f"| {name} | {run['per_step_s']} | {run['generate_s']} | {run['peak_gib']} | {run.get('slowdown_vs_resident', 0)} |")
-        lines.append("")
+        lines += table(["memory policy", "s/step", "generate s", "peak GiB", "slowdown vs resident"],
+                       [[name, run["per_step_s"], run["generate_s"], run["peak_gib"], run.get("slowdown_vs_resident", 0)]
+                        for name, run in ((name, policies[name]) for name in ("resident", "offload", "stream", "stream_bf16_vae"))])
     vae = results.get("vae", {})
     if "fp32" in vae:
-        lines += ["| VAE decode | s | peak GiB | PSNR vs fp32 dB | mean abs px error |", "| --- | --- | --- | --- | --- |"]
-        for name in ("fp32", "bf16", "fp32_tiled", "bf16_tiled"):
-            run = vae[name]
-            lines.append(f"| {name} | {run['decode_s']} | {run['peak_gib']} | {run.get('psnr_db_vs_fp32', '∞')} | {run.get('mean_abs_pixel_error', 0)} |")
-        lines.append("")
+        lines += table(["VAE decode", "s", "peak GiB", "PSNR vs fp32 dB", "mean abs px error"],
+                       [[name, run["decode_s"], run["peak_gib"], run.get("psnr_db_vs_fp32", "∞"), run.get("mean_abs_pixel_error", 0)]
+                        for name, run in ((name, vae[name]) for name in ("fp32", "bf16", "fp32_tiled", "bf16_tiled"))])
     text = results.get("text", {})
     if "gpu_40_tokens_s" in text:
-        lines += ["| umT5-XXL, 40 tokens | s |", "| --- | --- |"]
-        lines += [f"| {key} | {value} |" for key, value in text.items() if key.endswith("_s")]
-        lines.append("")
+        lines += table(["umT5-XXL, 40 tokens", "s"], [[key, value] for key, value in text.items() if key.endswith("_s")])
     return "\n".join(lines)
 
 

@@ -32,9 +32,6 @@ class GenerationResult:
     peak_gpu_bytes: int | None = None
 
 
-STEP_CACHES = ("first_block", "taylorseer")
-
-
 class VideoModel:
     """DiT + VAE placed by a memory policy; `generate` is one video.
 
@@ -65,7 +62,7 @@ class VideoModel:
 
         configs = {"first_block": FirstBlockCacheConfig, "taylorseer": TaylorSeerCacheConfig}
         if kind not in configs:
-            raise ValueError(f"unknown step cache {kind!r}; allowed: {', '.join(STEP_CACHES)}")
+            raise ValueError(f"unknown step cache {kind!r}; allowed: {', '.join(configs)}")
         if kind == "taylorseer":
             # diffusers' default patterns (`^blocks.*attn`, full match) hook none of Wan's `attn1`/`attn2`:
             # forecast whole transformer blocks instead.
