@@ -419,7 +419,7 @@ def markdown(results: dict) -> str:
     if "resident" in policies:
         lines += table(["memory policy", "s/step", "generate s", "peak GiB", "slowdown vs resident"],
                        [[name, run["per_step_s"], run["generate_s"], run["peak_gib"], run.get("slowdown_vs_resident", 0)]
-                        for name, run in ((name, policies[name]) for name in ("resident", "offload", "stream", "stream_bf16_vae"))])
+                        for name, run in policies.items() if isinstance(run, dict)])
     vae = results.get("vae", {})
     if "fp32" in vae:
         lines += table(["VAE decode", "s", "peak GiB", "PSNR vs fp32 dB", "mean abs px error"],
