@@ -13,7 +13,6 @@ import io
 import logging
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import ray
@@ -25,7 +24,6 @@ from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
 from pipeline.params import GenerationParams
-from pipeline.video import write_mp4
 
 log = logging.getLogger("ray.serve")
 
@@ -42,6 +40,7 @@ class VideoGenerator:
         compile_for: dict | None = None,
         cfg_parallel: bool = False,
         step_cache: dict | None = None,
+        attention: str = "auto",
     ):
         """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager."""
         if device == "cuda" and not torch.cuda.is_available():
@@ -53,7 +52,8 @@ class VideoGenerator:
                 uncond_device = torch.device("cuda:1")
             else:
                 log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
-        self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype), uncond_device)
+        self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype),
+                                    uncond_device, attention)
         if step_cache is not None:
             self.model.enable_step_cache(step_cache["kind"], **step_cache["options"])
         if compile_for is not None:
@@ -77,11 +77,10 @@ class VideoGenerator:
         def run() -> dict:
             with self._running:
                 self.model.models.switch(self._policy_for(params))
-                result = self.model.generate(params, job["context"], job["negative_context"], on_progress, cancelled.is_set)
-                on_progress("write", 0, 1)
-                started = time.perf_counter()
-                mp4 = _encode_mp4(result.frames)
-                result.timings["mp4_write"] = time.perf_counter() - started
+                with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
+                    result = self.model.generate(params, job["context"], job["negative_context"], on_progress,
+                                                 cancelled.is_set, video_path=Path(folder) / "video.mp4")
+                    mp4 = result.video_path.read_bytes()
                 return {
                     "type": "result",
                     "mp4": mp4,
@@ -120,14 +119,10 @@ class VideoGenerator:
         return {
             "device": str(self.model.device),
             "memory_policy": self.model.policy.value,
+            "attention": self.model.attention,
             "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "busy": self._running.locked(),
         }
-
-
-def _encode_mp4(frames) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
-        return write_mp4(frames, Path(folder) / "video.mp4").read_bytes()
 
 
 def _jpeg(frame) -> bytes:

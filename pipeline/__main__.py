@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from pipeline.attention import ATTENTION_KERNELS
 from pipeline.flags import add_bool_flag
 from pipeline.params import ALLOWED, GenerationParams, describe_errors
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when present")
     run.add_argument("--vae_dtype", choices=("float32", "bfloat16"), default="float32")
+    run.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                     help="auto = FlashAttention-3 on a Hopper GPU where installed, else PyTorch SDPA")
     parser.add_argument("--save_file", help="output MP4 (default: t2v-1.3B_<size>_<prompt>_<time>.mp4 in the cwd)")
     return parser
 
@@ -123,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from pipeline.memory import MemoryPolicy
     from pipeline.text import PromptEncoder
-    from pipeline.video import write_mp4
 
     try:
         if args.ckpt_dir:
@@ -145,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     del tokenizer, encoder, prompts  # freed before the DiT loads: peak memory holds one stage, not both
 
     policy = MemoryPolicy.from_offload_flag(params.offload_model)
-    model = VideoModel.load(source, device, policy, parse_dtype(args.vae_dtype))
+    model = VideoModel.load(source, device, policy, parse_dtype(args.vae_dtype), attention=args.attention)
     with PhaseProgress() as progress:
-        result = model.generate(params, context, negative_context, on_progress=progress)
-    path = write_mp4(result.frames, args.save_file or default_save_file(params))
+        result = model.generate(params, context, negative_context, on_progress=progress,
+                                video_path=args.save_file or default_save_file(params))
+    path = result.video_path
     timings = ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in result.timings.items())
     print(f"saved: {path} ({len(result.frames)} frames, {params.size}, seed {params.seed}; {timings})")
     return 0

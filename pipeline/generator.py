@@ -10,18 +10,23 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.attention import AttentionKernel, resolve_kernel, set_attention_kernel
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
 from pipeline.sampler import CancelCheck, DenoiseRequest, ProgressCallback, denoise
 from pipeline.text import pad_context
-from pipeline.video import decode_latents
+from pipeline.video import Mp4Writer, decode_latents
 
 log = logging.getLogger(__name__)
+
+# diffusers' cache hooks keep Python state per block and call torch.compiler.disable()d code.
+STEP_CACHE_NOT_COMPILABLE = "a step cache and compiled DiT blocks do not combine (diffusers' cache hooks cannot be traced): choose one"
 
 
 @dataclass
@@ -30,6 +35,7 @@ class GenerationResult:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     peak_gpu_bytes: int | None = None
+    video_path: Path | None = None  # the MP4, when generate() was asked to write one
 
 
 class VideoModel:
@@ -46,7 +52,11 @@ class VideoModel:
         device: torch.device,
         policy: MemoryPolicy = MemoryPolicy.RESIDENT,
         uncond_device: torch.device | None = None,
+        attention: AttentionKernel = "auto",
     ):
+        # Before the CFG-parallel copy below, so both copies run the same kernel.
+        self.attention = resolve_kernel(attention, device)
+        set_attention_kernel(transformer, self.attention)
         self.models = PlacedModels(transformer, vae, device, policy)
         self.device = device
         self.uncond_transformer = None
@@ -79,11 +89,13 @@ class VideoModel:
         policy: MemoryPolicy = MemoryPolicy.RESIDENT,
         vae_dtype: torch.dtype = torch.float32,
         uncond_device: torch.device | None = None,
+        attention: AttentionKernel = "auto",
     ) -> VideoModel:
         dit_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         started = time.perf_counter()
-        model = cls(load_transformer(source, dit_dtype), load_vae(source, vae_dtype), device, policy, uncond_device)
-        log.info("loaded DiT (%s) + VAE (%s) from %s in %.1fs", dit_dtype, vae_dtype, source.folder, time.perf_counter() - started)
+        model = cls(load_transformer(source, dit_dtype), load_vae(source, vae_dtype), device, policy, uncond_device, attention)
+        log.info("loaded DiT (%s, %s attention) + VAE (%s) from %s in %.1fs",
+                 dit_dtype, model.attention, vae_dtype, source.folder, time.perf_counter() - started)
         return model
 
     def compile_blocks(self, warm_params: GenerationParams | None = None) -> float:
@@ -92,6 +104,8 @@ class VideoModel:
         The first call at each new shape compiles; warming with the expected shape at replica start
         means no request pays for it. Returns the seconds the warm-up took.
         """
+        if self.step_cache is not None:
+            raise ValueError(STEP_CACHE_NOT_COMPILABLE)
         for model in filter(None, (self.models.transformer, self.uncond_transformer)):
             model.compile_repeated_blocks(fullgraph=True)
         if warm_params is None:
@@ -117,8 +131,13 @@ class VideoModel:
         negative_context: torch.Tensor,
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        video_path: str | Path | None = None,
     ) -> GenerationResult:
-        """`context` / `negative_context`: real-token embeddings [n, text_dim]; `params.seed` must be concrete."""
+        """`context` / `negative_context`: real-token embeddings [n, text_dim]; `params.seed` must be concrete.
+
+        With `video_path`, the MP4 is encoded while the VAE decodes (timings["mp4_write"] is what
+        is left of the encoding after the decode).
+        """
         if params.seed < 0:
             raise ValueError("generate() needs a concrete seed; call params.with_seed() first")
         for name, embeds in (("context", context), ("negative_context", negative_context)):
@@ -150,9 +169,22 @@ class VideoModel:
         if on_progress is not None:
             on_progress("decode", 0, 1)
         started = time.perf_counter()
-        frames = decode_latents(self.models.vae, latents)
+        writer = Mp4Writer(video_path, params.width, params.height) if video_path is not None else None
+        try:
+            frames = decode_latents(self.models.vae, latents, writer.add if writer else None)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
         timings["decode"] = time.perf_counter() - started
         if on_progress is not None:
             on_progress("decode", 1, 1)
+        if writer is not None:
+            if on_progress is not None:
+                on_progress("write", 0, 1)
+            started = time.perf_counter()
+            writer.close()
+            timings["mp4_write"] = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
-        return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak)
+        return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak,
+                                video_path=writer.path if writer else None)

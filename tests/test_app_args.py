@@ -33,6 +33,7 @@ def error_locations(error: ValidationError) -> list[str]:
         ({"defaults": {"frame_num": 80}}, "defaults.frame_num"),
         ({"pins": {"sample_shfit": 5}}, "pins.sample_shfit"),
         ({"generator": {"gpus_per_replica": -1}}, "generator.gpus_per_replica"),  # Ray would say "num_gpus"
+        ({"generator": {"attention": "flash2"}}, "generator.attention"),
     ],
 )
 def test_a_bad_key_or_value_is_rejected_by_name(args, named):
@@ -49,6 +50,11 @@ def test_an_autoscaling_typo_is_rejected_by_name():
         AppArgs(generator={"autoscaling_config": scaling})
     assert any(place.startswith("generator.autoscaling_config") for place in error_locations(raised.value))
     assert "target_ongoing_request" in str(raised.value)
+
+
+def test_a_step_cache_with_compiled_blocks_is_rejected_before_any_replica_starts():
+    with pytest.raises(ValidationError, match="step cache and compiled DiT blocks do not combine"):
+        AppArgs(generator={"compile": True, "step_cache": {"kind": "taylorseer"}})
 
 
 def test_no_text_encoder_at_all_is_rejected():

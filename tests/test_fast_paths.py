@@ -64,3 +64,48 @@ def test_step_cache_is_opt_in_and_stays_near_the_exact_output(demo_source, embed
     assert 0 < difference < 40  # engaged (output moved), approximate by design; the GPU bench reports the real figure
     with pytest.raises(ValueError, match="unknown step cache"):
         model.enable_step_cache("magic")
+    with pytest.raises(ValueError, match="do not combine"):
+        model.compile_blocks()
+
+
+def test_attention_kernel_auto_uses_sdpa_off_hopper_and_flash3_is_never_silent():
+    from pipeline.attention import resolve_kernel
+
+    cpu = torch.device("cpu")
+    assert resolve_kernel("auto", cpu) == "sdpa"
+    assert resolve_kernel("sdpa", cpu) == "sdpa"
+    with pytest.raises(RuntimeError, match="flash3 was asked for, but FlashAttention-3 needs a CUDA GPU"):
+        resolve_kernel("flash3", cpu)
+    with pytest.raises(ValueError, match="attention must be one of auto, sdpa, flash3"):
+        resolve_kernel("flash4", cpu)
+
+
+def test_attention_kernel_is_set_on_every_attention_processor(demo_source, embeddings):
+    """The switch reaches each self- and cross-attention of each block, and SDPA keeps the exact output."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    from pipeline.attention import set_attention_kernel
+
+    model = VideoModel.load(demo_source, torch.device("cpu"), attention="sdpa")
+    transformer = model.models.transformer
+    backends = [m.processor._attention_backend for m in transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
+    assert len(backends) == 2 * transformer.config.num_layers
+    assert set(backends) == {AttentionBackendName.NATIVE}
+    set_attention_kernel(transformer, "flash3")  # only labels the processors; FA3 itself needs a Hopper GPU
+    assert {m.processor._attention_backend for m in transformer.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")} == {AttentionBackendName._FLASH_3}
+    set_attention_kernel(transformer, "sdpa")
+    explicit = model.generate(PARAMS, *embeddings).frames
+    assert np.array_equal(explicit, VideoModel.load(demo_source, torch.device("cpu")).generate(PARAMS, *embeddings).frames)
+
+
+def test_generate_writes_the_mp4_while_decoding(demo_source, embeddings, tmp_path):
+    from pipeline.video import read_mp4
+
+    model = VideoModel.load(demo_source, torch.device("cpu"))
+    phases = []
+    result = model.generate(PARAMS, *embeddings, on_progress=lambda phase, *_: phases.append(phase), video_path=tmp_path / "out.mp4")
+    assert result.video_path == tmp_path / "out.mp4" and [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+    decoded, meta = read_mp4(result.video_path)
+    assert decoded.shape == result.frames.shape and meta["size"] == (PARAMS.width, PARAMS.height)
+    assert np.abs(decoded.astype(np.float64) - result.frames).mean() < 12  # H.264 at quality 8
+    assert phases[-3:] == ["decode", "decode", "write"] and "mp4_write" in result.timings

@@ -70,3 +70,42 @@ def test_a_failed_write_keeps_the_previous_file_and_no_temp_file(tmp_path):
         write_mp4(make_frames().view(FailingFrames), path)
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
     assert read_mp4(path)[0].shape[0] == 5
+
+
+def test_frames_added_in_pieces_make_the_same_video_as_one_write(tmp_path):
+    from pipeline.video import Mp4Writer
+
+    frames = make_frames()
+    whole, _ = read_mp4(write_mp4(frames, tmp_path / "whole.mp4"))
+    with Mp4Writer(tmp_path / "pieces.mp4", WIDTH, HEIGHT) as writer:
+        for start in (0, 1, 5):
+            writer.add(frames[start : start + 4 if start else 1])
+    pieces, meta = read_mp4(tmp_path / "pieces.mp4")
+    assert np.array_equal(pieces, whole) and meta["fps"] == 16
+    with pytest.raises(ValueError, match=r"frames must be uint8 \[n, 48, 64, 3\]"):
+        Mp4Writer(tmp_path / "bad.mp4", WIDTH, HEIGHT).add(frames[:, :, :32])
+
+
+def test_an_aborted_writer_leaves_no_file(tmp_path):
+    from pipeline.video import Mp4Writer
+
+    with pytest.raises(KeyboardInterrupt), Mp4Writer(tmp_path / "clip.mp4", WIDTH, HEIGHT) as writer:
+        writer.add(make_frames(2))
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_decode_gives_the_pixels_of_a_whole_decode(demo_source):
+    """Per-latent-frame decoding (what lets the MP4 encode during the decode) changes no pixel."""
+    import torch
+
+    from pipeline.loading import load_vae
+    from pipeline.video import decode_latents
+
+    vae = load_vae(demo_source, torch.float32)
+    latents = torch.randn(1, vae.config.z_dim, 3, 8, 10, generator=torch.Generator().manual_seed(0))
+    chunks = []
+    streamed = decode_latents(vae, latents, chunks.append)
+    assert [len(chunk) for chunk in chunks] == [1, 4, 4]
+    assert np.array_equal(streamed, decode_latents(vae, latents))
+    assert np.array_equal(np.concatenate(chunks), streamed)
