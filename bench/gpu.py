@@ -9,10 +9,16 @@ exact reference path's.
 Sections (each recorded even if another fails):
   text      umT5-XXL encode of a 40-token prompt: GPU, CPU bf16/fp32 at several thread counts, cache hit
   diffusers WanPipeline, `--steps` steps + fp32 VAE decode
-  resident  our path, exact: text embeddings -> latents -> frames -> MP4 file
+  resident  our path, exact: text embeddings -> latents -> frames -> MP4 file (PyTorch SDPA, fp32 VAE)
   compiled  our path with regional torch.compile of the DiT blocks (warm-up timed separately)
+  flash3    our path with FlashAttention-3 instead of SDPA (eager)
+  fast      FlashAttention-3 + compiled blocks + bf16 VAE: what a production config runs
   vae       bf16 against fp32 decode of the same latents: time, peak memory, pixel error
   policies  offload and stream memory policies, `--policy-steps` steps + decode, peak GPU memory
+  cfg_parallel, step_cache  (need the resident section first; cfg_parallel needs two GPUs)
+
+Our paths write the MP4 while the VAE decodes (pipeline.video.Mp4Writer), so their generate time
+includes the file; diffusers' frames are written afterwards, as its pipeline returns them.
 
 Usage (on the GPU machine): python bench/gpu.py [--steps 50] [--policy-steps 10] [--out DIR] [section ...]
 """
@@ -47,6 +53,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
 DEVICE = torch.device("cuda")
 PROMPT = "A red fox trots through fresh snow at dawn, cinematic, soft light, 4k"  # ~40 umT5 tokens
 GIB = 2**30
+# variant -> (attention kernel, compiled DiT blocks, VAE dtype)
+VARIANTS = {
+    "exact": ("sdpa", False, torch.float32),  # the reference every other path is compared with
+    "compiled": ("sdpa", True, torch.float32),
+    "flash3": ("flash3", False, torch.float32),
+    "fast": ("flash3", True, torch.bfloat16),
+    # Step caches: diffusers' cache hooks keep Python state per block, which a fullgraph compile cannot trace.
+    "fast_eager": ("flash3", False, torch.bfloat16),
+}
 
 
 def log(*parts) -> None:
@@ -139,17 +154,25 @@ class Bench:
         self.save()
         reset_memory()
 
+    def model(self, variant: str = "exact", two_gpus: bool = False, dit=None, vae=None, policy=MemoryPolicy.RESIDENT) -> VideoModel:
+        """A VideoModel in one of the benchmarked variants (see VARIANTS)."""
+        attention, compiled, vae_dtype = VARIANTS[variant]
+        model = VideoModel(dit if dit is not None else build_dit(), vae if vae is not None else build_vae(vae_dtype), DEVICE,
+                           policy, torch.device("cuda:1") if two_gpus else None, attention=attention)
+        self.warmup_s = model.compile_blocks(self.params) if compiled else 0.0
+        return model
+
     def run_ours(self, model: VideoModel, params: GenerationParams) -> dict:
-        """One generation through VideoModel, with per-step timestamps, the final latents and the MP4 write."""
+        """One generation through VideoModel into an MP4 file, with per-step timestamps and the final latents."""
         import pipeline.generator as generator_module
 
         stamps: list[float] = []
         captured = {}
         decode = generator_module.decode_latents
 
-        def capture(vae, latents):
+        def capture(vae, latents, on_frames=None):
             captured["latents"] = latents.detach().clone()
-            return decode(vae, latents)
+            return decode(vae, latents, on_frames)
 
         def on_progress(phase, step, total):
             if phase == "denoise":
@@ -157,15 +180,13 @@ class Bench:
                 stamps.append(time.perf_counter())
 
         generator_module.decode_latents = capture
-        try:
-            reset_memory()
-            result, total_s = synced(lambda: model.generate(params, self.context, self.negative_context, on_progress))
-        finally:
-            generator_module.decode_latents = decode
         with tempfile.TemporaryDirectory() as folder:
-            started = time.perf_counter()
-            write_mp4(result.frames, Path(folder) / "video.mp4")
-            mp4_s = time.perf_counter() - started
+            try:
+                reset_memory()
+                result, total_s = synced(lambda: model.generate(params, self.context, self.negative_context, on_progress,
+                                                                video_path=Path(folder) / "video.mp4"))
+            finally:
+                generator_module.decode_latents = decode
         steps = len(stamps)
         per_step = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else result.timings["denoise"]
         return {
@@ -173,16 +194,16 @@ class Bench:
             "per_step_s": round(per_step, 4),
             "denoise_s": round(result.timings["denoise"], 2),
             "decode_s": round(result.timings["decode"], 2),
-            "mp4_write_s": round(mp4_s, 2),
+            "mp4_write_after_decode_s": round(result.timings["mp4_write"], 2),
             "generate_s": round(total_s, 2),
             "peak_gib": round(result.peak_gpu_bytes / GIB, 2),
             "_latents": captured["latents"].to(DEVICE),
         }
 
     def end_to_end(self, run: dict) -> float:
-        """Prompt -> MP4 file: CPU text encode (as measured) + denoise + decode + MP4 write."""
+        """Prompt -> MP4 file: CPU text encode (as measured) + generation (+ a separate MP4 write)."""
         text_s = self.results.get("text", {}).get("cpu_default_40_tokens_s", 0.0)
-        return round(text_s + run["generate_s"] + run["mp4_write_s"], 2)
+        return round(text_s + run["generate_s"] + run.get("mp4_write_s", 0.0), 2)
 
     def check_latents(self, run: dict) -> dict:
         latents = run.pop("_latents")
@@ -270,7 +291,7 @@ class Bench:
         return run
 
     def resident(self) -> dict:
-        model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT)
+        model = self.model("exact")
         run = self.run_ours(model, self.params)
         self.reference_latents = run.pop("_latents")
         self.reference_step_s = run["per_step_s"]
@@ -282,14 +303,29 @@ class Bench:
         del model
         return run
 
-    def compiled(self) -> dict:
-        model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT)
-        warm_s = model.compile_blocks(self.params)
+    def variant_run(self, variant: str, two_gpus: bool = False, step_cache: tuple[str, dict] | None = None) -> dict:
+        """One 50-step generation in `variant`, its latents checked against the exact reference."""
+        model = self.model(variant, two_gpus)
+        if step_cache is not None:
+            model.enable_step_cache(step_cache[0], **step_cache[1])
         run = self.run_ours(model, self.params)
         run.update(self.check_latents(run))
-        run["compile_warmup_s"] = round(warm_s, 1)
         run["end_to_end_s"] = self.end_to_end(run)
+        run["variant"] = dict(zip(("attention", "compiled", "vae_dtype"), map(str, VARIANTS[variant])))
+        if self.warmup_s:
+            run["compile_warmup_s"] = round(self.warmup_s, 1)
+        del model
+        reset_memory()
         return run
+
+    def compiled(self) -> dict:
+        return self.variant_run("compiled")
+
+    def flash3(self) -> dict:
+        return self.variant_run("flash3")
+
+    def fast(self) -> dict:
+        return self.variant_run("fast")
 
     def vae(self) -> dict:
         if self.reference_latents is None:
@@ -319,47 +355,20 @@ class Bench:
         return out
 
     def cfg_parallel(self) -> dict:
-        """Two GPUs, one process: conditional branch on cuda:0, unconditional on cuda:1 (exact, then compiled)."""
+        """Two GPUs, one process: conditional branch on cuda:0, unconditional on cuda:1 (exact, then fast)."""
         if torch.cuda.device_count() < 2:
             raise RuntimeError("needs two GPUs")
-        out = {}
-        for name, compiled in (("eager", False), ("compiled", True)):
-            model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT, uncond_device=torch.device("cuda:1"))
-            warm_s = model.compile_blocks(self.params) if compiled else 0.0
-            run = self.run_ours(model, self.params)
-            run.update(self.check_latents(run))
-            run["end_to_end_s"] = self.end_to_end(run)
-            if compiled:
-                run["compile_warmup_s"] = round(warm_s, 1)
-            out[name] = run
-            del model
-            reset_memory()
-        return out
+        return {"exact": self.variant_run("exact", two_gpus=True), "fast": self.variant_run("fast", two_gpus=True)}
 
     def step_cache(self) -> dict:
-        """Opt-in caching on one GPU (and with CFG-parallel + compile where two GPUs exist)."""
-        out = {}
+        """Opt-in caching on one GPU (and with CFG-parallel where two GPUs exist), FA3 + bf16 VAE."""
         caches = {
             "first_block_0.05": ("first_block", {"threshold": 0.05}),
             "taylorseer_interval5": ("taylorseer", {"cache_interval": 5, "disable_cache_before_step": 3}),
         }
-        for name, (kind, options) in caches.items():
-            model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT)
-            model.enable_step_cache(kind, **options)
-            run = self.run_ours(model, self.params)
-            run.update(self.check_latents(run))
-            run["end_to_end_s"] = self.end_to_end(run)
-            out[name] = run
-            del model
-            reset_memory()
+        out = {name: self.variant_run("fast_eager", step_cache=cache) for name, cache in caches.items()}
         if torch.cuda.device_count() >= 2:
-            kind, options = caches["first_block_0.05"]
-            model = VideoModel(build_dit(), build_vae(), DEVICE, MemoryPolicy.RESIDENT, uncond_device=torch.device("cuda:1"))
-            model.enable_step_cache(kind, **options)
-            run = self.run_ours(model, self.params)
-            run.update(self.check_latents(run))
-            run["end_to_end_s"] = self.end_to_end(run)
-            out["first_block_0.05_cfg_parallel"] = run
+            out["taylorseer_interval5_cfg_parallel"] = self.variant_run("fast_eager", two_gpus=True, step_cache=caches["taylorseer_interval5"])
         return out
 
     def policies(self) -> dict:
@@ -375,7 +384,7 @@ class Bench:
             dit = build_dit().cpu()
             vae = build_vae(vae_dtype)
             reset_memory()
-            model = VideoModel(dit, vae, DEVICE, policy)
+            model = self.model("exact", dit=dit, vae=vae, policy=policy)
             run = self.run_ours(model, params)
             run.pop("_latents")
             out[name] = run
@@ -407,9 +416,11 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
         f"| diffusers WanPipeline | {get('diffusers', 'per_step_s')} | {get('diffusers', 'generate_s')} | {get('diffusers', 'end_to_end_s')} | {get('diffusers', 'peak_gib')} | (default schedule: {get('resident', 'latents_rel_diff_vs_diffusers_default_schedule')}) |",
         f"| ours, resident (exact reference) | {get('resident', 'per_step_s')} | {get('resident', 'generate_s')} | {get('resident', 'end_to_end_s')} | {get('resident', 'peak_gib')} | 0 |",
-        f"| ours, resident + compiled blocks | {get('compiled', 'per_step_s')} | {get('compiled', 'generate_s')} | {get('compiled', 'end_to_end_s')} | {get('compiled', 'peak_gib')} | {get('compiled', 'latents_rel_error_vs_reference')} |",
-        "",
     ]
+    for section, name in (("compiled", "compiled blocks"), ("flash3", "FlashAttention-3"), ("fast", "FA3 + compiled + bf16 VAE")):
+        lines.append(f"| ours, {name} | {get(section, 'per_step_s')} | {get(section, 'generate_s')} | {get(section, 'end_to_end_s')} | "
+                     f"{get(section, 'peak_gib')} | {get(section, 'latents_rel_error_vs_reference')} |")
+    lines.append("")
     for section in ("cfg_parallel", "step_cache"):
         runs = {k: v for k, v in results.get(section, {}).items() if isinstance(v, dict)}
         if runs:
@@ -433,7 +444,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="*", default=["text", "diffusers", "resident", "compiled", "vae", "policies"],
+    parser.add_argument("sections", nargs="*", default=["text", "diffusers", "resident", "compiled", "flash3", "fast", "vae", "policies"],
                         help="also: cfg_parallel, step_cache (after resident, whose latents are the reference)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--policy-steps", type=int, default=10)

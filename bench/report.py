@@ -24,18 +24,21 @@ def end_to_end(run: dict) -> float:
 
 
 def main() -> None:
-    main_run, policies, cfg, cache = (load(BASE), load(f"{BASE}-policies50")["policies"], load(f"{BASE}-cfg-cache"), load(f"{BASE}-step-cache"))
+    main_run, two_gpus, policies = load(f"{BASE}-fast"), load(f"{BASE}-fast-2gpu"), load(f"{BASE}-policies50")["policies"]
+    cfg, cache = two_gpus["cfg_parallel"], two_gpus["step_cache"]
     rows = [
-        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, BASE),
-        ("ours, exact", main_run["resident"], main_run["diffusers"], BASE),
-        ("ours, compiled DiT blocks", main_run["compiled"], main_run["diffusers"], BASE),
+        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, f"{BASE}-fast"),
+        ("ours, exact (SDPA, fp32 VAE)", main_run["resident"], main_run["diffusers"], f"{BASE}-fast"),
+        ("ours, compiled DiT blocks", main_run["compiled"], main_run["diffusers"], f"{BASE}-fast"),
+        ("ours, FlashAttention-3", main_run["flash3"], main_run["diffusers"], f"{BASE}-fast"),
+        ("ours, fast: FA3 + compiled + bf16 VAE", main_run["fast"], main_run["diffusers"], f"{BASE}-fast"),
         ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50"),
         ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50"),
-        ("ours, exact, one GPU (2-GPU host)", cfg["resident"], None, f"{BASE}-cfg-cache"),
-        ("ours, CFG-parallel, 2 GPUs, exact", cfg["cfg_parallel"]["eager"], cfg["resident"], f"{BASE}-cfg-cache"),
-        ("ours, CFG-parallel, 2 GPUs, compiled", cfg["cfg_parallel"]["compiled"], cfg["resident"], f"{BASE}-cfg-cache"),
-        ("ours, exact (cache run)", cache["resident"], None, f"{BASE}-step-cache"),
-        ("ours, TaylorSeer step cache (opt-in)", cache["step_cache"]["taylorseer_interval5"], cache["resident"], f"{BASE}-step-cache"),
+        ("ours, exact, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-2gpu"),
+        ("ours, CFG-parallel, 2 GPUs, exact", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
+        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
+        ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
+        ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
     ]
     print(f"{main_run['device']}, {main_run['date']}; 832x480, 81 frames, 50 steps, guidance 6; random weights of the real shapes.\n")
     print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs exact | result file |")
