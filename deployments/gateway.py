@@ -34,6 +34,7 @@ from deployments.protocol import (
     VideoJob,
     VideoList,
 )
+from deployments.security import RequestGuard
 from pipeline.params import SIZES, field_errors
 
 log = logging.getLogger("ray.serve")
@@ -46,6 +47,8 @@ PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # %
 
 
 app = FastAPI(title="wan-t2v-serve", version="0.1.0", description="Wan2.1 T2V-1.3B text-to-video")
+# API keys, body limit, CORS: the replica's policy, found through Serve's replica context at request time.
+app.add_middleware(RequestGuard, policy=lambda: serve.get_replica_context().servable_object.security)
 
 
 @app.exception_handler(ApiError)
@@ -128,6 +131,7 @@ class Gateway:
         self.encoders = {name: handle for name, handle in (("cpu", cpu_encoder), ("gpu", gpu_encoder)) if handle is not None}
         self.generator = generator
         self.settings = settings
+        self.security = settings["security"]  # what RequestGuard applies
         self.model = settings["model"]
         self.pins = ParamOverrides(**settings["pins"])
         self.defaults = ParamOverrides(**settings["defaults"])
