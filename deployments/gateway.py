@@ -33,6 +33,7 @@ from deployments.protocol import (
     VideoCreateRequest,
     VideoJob,
     VideoList,
+    create_request_schema,
 )
 from deployments.security import RequestGuard
 from pipeline.params import SIZES, field_errors
@@ -49,6 +50,10 @@ PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # %
 app = FastAPI(title="wan-t2v-serve", version="0.1.0", description="Wan2.1 T2V-1.3B text-to-video")
 # API keys, body limit, CORS: the replica's policy, found through Serve's replica context at request time.
 app.add_middleware(RequestGuard, policy=lambda: serve.get_replica_context().servable_object.security)
+# The submit routes read their body by hand (JSON or form); the schema still tells clients and fuzzers its shape.
+CREATE_BODY = {"requestBody": {"required": True, "content": {
+    media_type: {"schema": create_request_schema()} for media_type in ("application/json", "application/x-www-form-urlencoded", "multipart/form-data")
+}}}
 
 
 @app.exception_handler(ApiError)
@@ -200,12 +205,12 @@ class Gateway:
 
     # -- submit -------------------------------------------------------------------------------
 
-    @app.post("/v1/videos", status_code=202, response_model=VideoJob)
+    @app.post("/v1/videos", status_code=202, response_model=VideoJob, openapi_extra=CREATE_BODY)
     async def create_video(self, request: Request) -> JSONResponse:
         job = await self._submit(request)
         return JSONResponse(status_code=202, content=job)
 
-    @app.post("/v1/videos/sync", response_class=Response)
+    @app.post("/v1/videos/sync", response_class=Response, openapi_extra=CREATE_BODY)
     async def create_video_sync(self, request: Request) -> Response:
         """The same job machinery, waited for: returns the MP4, with the job as ASCII JSON in a header."""
         job = await self._submit(request)
