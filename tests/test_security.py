@@ -11,6 +11,7 @@ import pytest
 from ray import serve
 
 from conftest import deploy, tiny_args
+from deployments import cli
 from deployments.app import build
 
 KEYS_ENV = "WAN_T2V_TEST_API_KEYS"
@@ -63,6 +64,15 @@ def test_any_configured_key_opens_the_api_and_none_leaks(secured):
             assert config.status_code == 200 and not any(secret in config.text for secret in KEYS)
             rejected = client.post("/v1/videos", json={"prompt": "x", "frame_num": 7})
             assert rejected.status_code == 422  # past the key, the request reached validation
+
+
+def test_the_cli_sends_its_key_from_the_flag_or_the_environment(secured, capsys, monkeypatch):
+    monkeypatch.delenv("WAN_T2V_API_KEY", raising=False)
+    assert cli.main(["--url", secured.url, "list"]) == 2
+    assert "missing or wrong API key" in capsys.readouterr().err
+    assert cli.main(["--url", secured.url, "--api-key", KEYS[0], "list"]) == 0
+    monkeypatch.setenv("WAN_T2V_API_KEY", KEYS[1])
+    assert cli.main(["--url", secured.url, "list"]) == 0
 
 
 def test_a_configured_but_empty_key_variable_fails_the_build(tmp_path, monkeypatch):
