@@ -77,17 +77,21 @@ def page(browser, web_app):
     assert not problems
 
 
-def test_generates_plays_and_lists_a_video_with_a_hostile_prompt_shown_as_text(page, web_app):
-    page.fill("#prompt", HOSTILE_PROMPT)
-    page.fill("#sample_steps", "3")
+def generate(page, prompt: str, steps: int) -> list[str]:
+    """The cheapest video from the form, waited for; returns every text the progress line showed."""
+    page.fill("#prompt", prompt)
+    page.fill("#sample_steps", str(steps))
     page.fill("#frame_num", "5")
     page.select_option("#size", "624*624")
     page.evaluate(RECORD_PROGRESS)
     page.click("#generate")
-
     expect(page.locator("#progress-text")).to_have_text("已完成", timeout=120_000)
+    return page.evaluate("window.progressTexts")
+
+
+def test_generates_plays_and_lists_a_video_with_a_hostile_prompt_shown_as_text(page, web_app):
+    seen = generate(page, HOSTILE_PROMPT, 3)
     assert page.locator("#progress").evaluate("bar => bar.value") == 100
-    seen = page.evaluate("window.progressTexts")
     assert any(re.search(r"去噪 · 第 \d/3 步", text) for text in seen), seen
     assert any("约剩" in text for text in seen), seen
 
@@ -190,15 +194,8 @@ def test_with_api_keys_the_page_asks_for_one_then_streams_plays_and_lists_with_i
     page.press("#api-key", "Enter")  # change: stored, page reloaded with it
     expect(page.locator("#sample_steps")).to_be_visible(timeout=30_000)
     assert page.evaluate("localStorage.getItem('wan-t2v.api_key')") == KEY
-    page.fill("#prompt", "a keyed fox")
-    page.fill("#sample_steps", "2")
-    page.fill("#frame_num", "5")
-    page.select_option("#size", "624*624")
-    page.evaluate(RECORD_PROGRESS)
-    page.click("#generate")
-
-    expect(page.locator("#progress-text")).to_have_text("已完成", timeout=120_000)
-    assert any(re.search(r"去噪 · 第 \d/2 步", text) for text in page.evaluate("window.progressTexts"))
+    seen = generate(page, "a keyed fox", 2)
+    assert any(re.search(r"去噪 · 第 \d/2 步", text) for text in seen), seen
     media = page.locator("#video").evaluate(VIDEO_METADATA)
     assert media["duration"] > 0, media
     assert page.locator("#download").get_attribute("href").startswith("blob:")
