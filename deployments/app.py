@@ -17,6 +17,7 @@ from ray import serve
 from deployments.gateway import Gateway
 from deployments.generator import VideoGenerator
 from deployments.precedence import ParamOverrides
+from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
 from pipeline.generator import STEP_CACHE_NOT_COMPILABLE
 from pipeline.loading import resolve_model_source
@@ -100,6 +101,16 @@ class GeneratorOptions(Strict):
 class GatewayOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
+    # A job request is well under 10 KiB; anything past this is a 413 before it is parsed.
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # Browser origins (https://host:port) allowed to call the API from other sites; empty: no CORS.
+    cors_origins: list[str] = []
+
+
+class AuthOptions(Strict):
+    """Bearer API keys on /v1: the YAML names an environment variable, never holds a key."""
+
+    api_keys_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class OutputLimits(Strict):
@@ -115,6 +126,7 @@ class AppArgs(Strict):
     gpu_text_encoder: TextEncoderOptions | None = None
     generator: GeneratorOptions = GeneratorOptions()
     gateway: GatewayOptions = GatewayOptions()
+    auth: AuthOptions | None = None
     pins: ParamOverrides = ParamOverrides()
     defaults: ParamOverrides = ParamOverrides()
     limits: OutputLimits = OutputLimits()
@@ -147,9 +159,20 @@ def generator_gpus(option: Literal["auto"] | float) -> float:
     return 0.0
 
 
+def gateway_security(args: AppArgs) -> SecurityPolicy:
+    """Keys are read here, where `serve run` builds the app, and travel to the gateway in its (unlogged)
+    init arguments: a deployment's runtime_env would show them in `serve status` and the dashboard,
+    and a missing variable fails the build instead of a replica, or worse, leaving the API open."""
+    keys = load_api_keys(args.auth.api_keys_env) if args.auth else ()
+    if keys:
+        log.info("API keys required on /v1 (%d from $%s)", len(keys), args.auth.api_keys_env)
+    return SecurityPolicy(api_keys=keys, max_body_bytes=args.gateway.max_body_bytes, cors_origins=tuple(args.gateway.cors_origins))
+
+
 def build(args: AppArgs) -> serve.Application:
     if isinstance(args, dict):  # called directly rather than by Ray's typed builder
         args = AppArgs(**args)
+    security = gateway_security(args)  # first: a missing key variable fails before any model loads
     source = resolve_model_source(args.model, allow_demo=args.allow_demo, cache_dir=args.model_cache_dir)
     if source.is_demo:
         log.warning(DEMO_BANNER)
@@ -201,6 +224,7 @@ def build(args: AppArgs) -> serve.Application:
         "concurrent_jobs": max_generators,
         "memory_policy": policy.value,
         "honor_request_offload": gen.honor_request_offload,
+        "security": security,
     }
     return Gateway.options(
         num_replicas=args.gateway.num_replicas, ray_actor_options={"num_cpus": args.gateway.num_cpus}

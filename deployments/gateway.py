@@ -21,18 +21,21 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.errors import ApiError, error_response, field_error
 from deployments.jobs import JOB_ID, JobStore, QueueFull, new_job_id
 from deployments.precedence import ParamOverrides, resolve
 from deployments.protocol import (
     ALLOWED_REQUEST,
     TERMINAL_STATUSES,
-    ErrorBody,
     ModelCard,
     VideoCreateRequest,
     VideoJob,
     VideoList,
+    create_request_schema,
 )
+from deployments.security import RequestGuard
 from pipeline.params import SIZES, field_errors
 
 log = logging.getLogger("ray.serve")
@@ -44,23 +47,24 @@ SSE_KEEPALIVE_S = 15.0
 PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, fields: list[dict] | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.fields, self.headers = status, code, message, fields or [], headers
-
-
-def error_response(status: int, code: str, message: str, fields: list[dict] | None = None, headers: dict | None = None):
-    body = ErrorBody(code=code, message=message, fields=fields or [])
-    return JSONResponse(status_code=status, content={"error": body.model_dump()}, headers=headers)
-
-
 app = FastAPI(title="wan-t2v-serve", version="0.1.0", description="Wan2.1 T2V-1.3B text-to-video")
+# API keys, body limit, CORS: the replica's policy, found through Serve's replica context at request time.
+app.add_middleware(RequestGuard, policy=lambda: serve.get_replica_context().servable_object.security)
+# The submit routes read their body by hand (JSON or form); the schema still tells clients and fuzzers its shape.
+CREATE_BODY = {"requestBody": {"required": True, "content": {
+    media_type: {"schema": create_request_schema()} for media_type in ("application/json", "application/x-www-form-urlencoded", "multipart/form-data")
+}}}
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, error: ApiError):
-    return error_response(error.status, error.code, error.message, error.fields, error.headers)
+    return error.response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, error: StarletteHTTPException):
+    """Starlette's own refusals (no such route, wrong method) in the API's error shape too."""
+    return error_response(error.status_code, f"http_{error.status_code}", str(error.detail), headers=error.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -112,6 +116,11 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {name: round(seconds, 4) for name, seconds in timings.items()}
 
 
+def _not_a_json_number(name: str):
+    """Python's json reads NaN and Infinity; JSON has neither, and no parameter accepts them."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -127,6 +136,7 @@ class Gateway:
         self.encoders = {name: handle for name, handle in (("cpu", cpu_encoder), ("gpu", gpu_encoder)) if handle is not None}
         self.generator = generator
         self.settings = settings
+        self.security = settings["security"]  # what RequestGuard applies
         self.model = settings["model"]
         self.pins = ParamOverrides(**settings["pins"])
         self.defaults = ParamOverrides(**settings["defaults"])
@@ -195,12 +205,12 @@ class Gateway:
 
     # -- submit -------------------------------------------------------------------------------
 
-    @app.post("/v1/videos", status_code=202, response_model=VideoJob)
+    @app.post("/v1/videos", status_code=202, response_model=VideoJob, openapi_extra=CREATE_BODY)
     async def create_video(self, request: Request) -> JSONResponse:
         job = await self._submit(request)
         return JSONResponse(status_code=202, content=job)
 
-    @app.post("/v1/videos/sync", response_class=Response)
+    @app.post("/v1/videos/sync", response_class=Response, openapi_extra=CREATE_BODY)
     async def create_video_sync(self, request: Request) -> Response:
         """The same job machinery, waited for: returns the MP4, with the job as ASCII JSON in a header."""
         job = await self._submit(request)
@@ -227,7 +237,7 @@ class Gateway:
         except ValidationError as error:
             raise self._invalid(error) from None
         except TypeError as error:
-            raise ApiError(422, "invalid_request", f"body: {error}") from None
+            raise field_error(422, "invalid_request", "body", str(error)) from None
         requested = create.requested_params()
         try:
             params, overridden = resolve(requested, self.pins, self.defaults)
@@ -276,17 +286,18 @@ class Gateway:
             try:
                 form = await request.form()
             except Exception as error:  # noqa: BLE001 - a malformed form is the client's error
-                raise ApiError(400, "invalid_body", f"body: unreadable form data ({error})") from None
+                raise field_error(400, "invalid_body", "body", f"unreadable form data ({error})") from None
             return {key: value for key, value in form.items() if value != ""}
         raw = await request.body()
         try:
-            body = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid_body", "body: not UTF-8 text") from None
-        except json.JSONDecodeError as error:
-            raise ApiError(400, "invalid_json", f"body: malformed JSON ({error})") from None
+            body = json.loads(raw.decode("utf-8"), parse_constant=_not_a_json_number)
+            json.dumps(body, ensure_ascii=False).encode("utf-8")  # a lone "\ud800" escape is no text either
+        except UnicodeError:
+            raise field_error(400, "invalid_body", "body", "not UTF-8 text") from None
+        except ValueError as error:  # JSONDecodeError, or NaN / Infinity
+            raise field_error(400, "invalid_json", "body", f"malformed JSON ({error})") from None
         if not isinstance(body, dict):
-            raise ApiError(422, "invalid_request", "body: must be a JSON object of parameters")
+            raise field_error(422, "invalid_request", "body", "must be a JSON object of parameters")
         return body
 
     def _invalid(self, error: ValidationError) -> ApiError:
@@ -315,9 +326,9 @@ class Gateway:
     # -- read, cancel, delete -----------------------------------------------------------------
 
     def _job(self, job_id: str) -> dict:
-        job = self.store.get(job_id) if JOB_ID.match(job_id) else None
+        job = self.store.get(job_id) if JOB_ID.match(job_id) else None  # only a well-formed id reaches the store
         if job is None:
-            raise ApiError(404, "not_found", f"video_id: no video {job_id!r}; ids look like video_<24 hex digits>")
+            raise field_error(404, "not_found", "video_id", f"no video {job_id[:80]!r}; ids look like video_<24 hex digits>", job_id[:200])
         return job
 
     @app.get("/v1/videos/{video_id}", response_model=VideoJob)
@@ -335,7 +346,7 @@ class Gateway:
         try:
             jobs, has_more = self.store.list(limit, after, status, order)
         except KeyError:
-            raise ApiError(422, "invalid_request", f"after: no video {after!r}") from None
+            raise field_error(422, "invalid_request", "after", f"no video {after[:80]!r}", after[:200]) from None
         return {
             "object": "list",
             "data": jobs,

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.params import ALLOWED, GenerationParams
+from pipeline.params import ALLOWED, SIZES, GenerationParams
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -67,6 +67,20 @@ class VideoCreateRequest(OptionalParams):
         if self.seconds is not None:
             values["frame_num"] = 16 * self.seconds + 1
         return values
+
+
+def create_request_schema() -> dict[str, Any]:
+    """POST /v1/videos' body (JSON or form) as the OpenAPI document shows it: the request with GenerationParams' ranges.
+
+    The request model leaves ranges to GenerationParams (pins and defaults share them), so they are
+    copied in here: clients and the fuzzer see the real limits.
+    """
+    schema = VideoCreateRequest.model_json_schema()
+    ranges = GenerationParams.model_json_schema()["properties"]
+    schema["properties"].update({name: ranges[name] for name in PARAM_FIELDS})
+    schema["properties"]["size"]["enum"] = list(SIZES)  # "832x480" is accepted too
+    schema["properties"]["prompt"]["pattern"] = r"\S"  # not blank
+    return schema
 
 
 class Override(BaseModel):

@@ -137,7 +137,7 @@ def resolve_model_source(spec: str = "auto", *, allow_demo: bool = False, cache_
     if allow_demo:
         log.warning("No Wan2.1 checkpoint found (%s); falling back to the built-in DEMO model", "; ".join(tried))
         return _demo_source(cache_dir)
-    raise ModelNotFound("no Wan2.1-T2V-1.3B checkpoint found; tried: " + "; ".join(tried))
+    raise ModelNotFound("no Wan2.1-T2V-1.3B checkpoint found; tried: " + "; ".join(tried) + "; the demo model is no fallback here (allow_demo is off)")
 
 
 def _demo_source(cache_dir: Path | None) -> ModelSource:

@@ -13,10 +13,13 @@ from pydantic import ValidationError
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from deployments.app import AppArgs
+from deployments.app import AppArgs, build
+from pipeline.loading import ModelNotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "serve_config.yaml"]
+# The quick-start configs may fall back to the demo model; every other preset is for real weights.
+DEMO_CONFIGS = ("tiny.yaml", "serve_config.yaml")
 
 
 def error_locations(error: ValidationError) -> list[str]:
@@ -96,3 +99,12 @@ def test_the_commented_autoscaling_example_is_valid_once_uncommented():
     uncommented = re.sub(r"^(\s*)# (autoscaling_config:|  \w+:)", r"\1\2", text, flags=re.MULTILINE)
     (args,) = check_serve_config(yaml.safe_load(uncommented), "multi_gpu.yaml, uncommented")
     assert args.generator.autoscaling_config["max_replicas"] == args.generator.num_replicas
+
+
+@pytest.mark.parametrize("path", [path for path in SERVE_CONFIGS if path.name not in DEMO_CONFIGS], ids=lambda path: path.name)
+def test_a_production_preset_without_weights_fails_the_build_instead_of_serving_the_demo(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./Wan2.1-T2V-1.3B here; tests run with HF_HUB_OFFLINE (conftest)
+    monkeypatch.delenv("WAN_CKPT_DIR", raising=False)
+    (app,) = yaml.safe_load(path.read_text())["applications"]
+    with pytest.raises(ModelNotFound, match="no Wan2.1-T2V-1.3B checkpoint found.*allow_demo is off"):
+        build(app["args"])

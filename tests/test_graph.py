@@ -14,6 +14,7 @@ import pytest
 from conftest import deploy, tiny_args
 from ray import serve
 
+from pipeline.params import MAX_PROMPT_CHARS
 from pipeline.video import read_mp4
 
 FAST = {"frame_num": 5, "sample_steps": 1, "size": "624*624", "seed": 11}
@@ -182,6 +183,7 @@ class TestGpuGeneratorWithPins:
             ({"prompt": "x", "sample_shift": -1}, "sample_shift"),
             ({"prompt": "   "}, "prompt"),
             ({"prompt": "x", "colour": "red"}, "colour"),
+            ({"prompt": "x", "negative_prompt": "y" * (MAX_PROMPT_CHARS + 1)}, "negative_prompt"),
         ],
     )
     def test_an_invalid_parameter_is_a_422_naming_the_field(self, client, body, field):
@@ -191,10 +193,18 @@ class TestGpuGeneratorWithPins:
         assert [item["field"] for item in error["fields"]] == [field]
         assert error["message"].startswith(f"{field}: ")
 
+    def test_a_prompt_over_its_limit_is_a_422_naming_the_limit(self, client):
+        response = client.post("/v1/videos", json={"prompt": "x" * (MAX_PROMPT_CHARS + 1)})
+        assert response.status_code == 422, response.text
+        (item,) = response.json()["error"]["fields"]
+        assert item["field"] == "prompt" and f"at most {MAX_PROMPT_CHARS} characters" in item["message"]
+
     @pytest.mark.parametrize(
         ("content", "code"),
-        [(b'{"prompt": "a cat"', "invalid_json"), (b'{"prompt": "\xff\xfe"}', "invalid_body")],
-        ids=["malformed-json", "not-utf8"],
+        [(b'{"prompt": "a cat"', "invalid_json"), (b'{"prompt": "\xff\xfe"}', "invalid_body"),
+         (b'{"prompt": "a cat \\ud800"}', "invalid_body"), (b'{"prompt": "x", "sample_guide_scale": NaN}', "invalid_json"),
+         (b'{"prompt": "x", "seed": -Infinity}', "invalid_json")],
+        ids=["malformed-json", "not-utf8", "lone-surrogate-escape", "nan", "infinity"],
     )
     def test_an_unreadable_body_is_a_400(self, client, content, code):
         response = client.post("/v1/videos", content=content, headers={"content-type": "application/json"})

@@ -4,6 +4,7 @@ The app is mounted under a route prefix, as a reverse proxy would mount it, so t
 relative URLs throughout.
 """
 
+import os
 import re
 from pathlib import Path
 
@@ -76,17 +77,21 @@ def page(browser, web_app):
     assert not problems
 
 
-def test_generates_plays_and_lists_a_video_with_a_hostile_prompt_shown_as_text(page, web_app):
-    page.fill("#prompt", HOSTILE_PROMPT)
-    page.fill("#sample_steps", "3")
+def generate(page, prompt: str, steps: int) -> list[str]:
+    """The cheapest video from the form, waited for; returns every text the progress line showed."""
+    page.fill("#prompt", prompt)
+    page.fill("#sample_steps", str(steps))
     page.fill("#frame_num", "5")
     page.select_option("#size", "624*624")
     page.evaluate(RECORD_PROGRESS)
     page.click("#generate")
-
     expect(page.locator("#progress-text")).to_have_text("已完成", timeout=120_000)
+    return page.evaluate("window.progressTexts")
+
+
+def test_generates_plays_and_lists_a_video_with_a_hostile_prompt_shown_as_text(page, web_app):
+    seen = generate(page, HOSTILE_PROMPT, 3)
     assert page.locator("#progress").evaluate("bar => bar.value") == 100
-    seen = page.evaluate("window.progressTexts")
     assert any(re.search(r"去噪 · 第 \d/3 步", text) for text in seen), seen
     assert any("约剩" in text for text in seen), seen
 
@@ -156,3 +161,46 @@ def test_demo_banner_shows_and_the_prefix_works_without_a_trailing_slash(page, w
     banner = page.locator("#demo-banner")
     expect(banner).to_be_visible()
     expect(banner).to_contain_text("演示模型：随机权重，并非 Wan2.1")
+
+
+KEYS_ENV = "WAN_T2V_TEST_WEB_KEYS"
+KEY = "page-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_app(serve_instance, tmp_path_factory):
+    from ray import serve
+
+    os.environ[KEYS_ENV] = KEY
+    try:
+        app = deploy(serve_instance, "webkeyed", tiny_args(tmp_path_factory.mktemp("web-keyed"), auth={"api_keys_env": KEYS_ENV}))
+    finally:
+        del os.environ[KEYS_ENV]
+    yield app
+    serve.delete(app.name)
+
+
+def test_with_api_keys_the_page_asks_for_one_then_streams_plays_and_lists_with_it(browser, keyed_app):
+    """Every request of the page carries the key: the config, the job, its event stream, the video and thumbnails."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems = []
+    page.on("pageerror", lambda error: problems.append(f"uncaught error: {error}"))
+    page.goto(f"{keyed_app.url}/")
+    expect(page.locator("#form-error")).to_contain_text("需要 API 密钥")
+    expect(page.locator("#generate")).to_be_disabled()
+
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")  # change: stored, page reloaded with it
+    expect(page.locator("#sample_steps")).to_be_visible(timeout=30_000)
+    assert page.evaluate("localStorage.getItem('wan-t2v.api_key')") == KEY
+    seen = generate(page, "a keyed fox", 2)
+    assert any(re.search(r"去噪 · 第 \d/2 步", text) for text in seen), seen
+    media = page.locator("#video").evaluate(VIDEO_METADATA)
+    assert media["duration"] > 0, media
+    assert page.locator("#download").get_attribute("href").startswith("blob:")
+    thumbnail = page.locator("#history img").first
+    expect(thumbnail).to_have_attribute("src", re.compile("^blob:"))
+    assert thumbnail.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+    context.close()
+    assert not problems

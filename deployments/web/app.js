@@ -1,6 +1,6 @@
 // Wires the page: reads the server's config, builds the form, submits jobs, keeps the history fresh.
 
-import { ApiError, api } from "./api.js";
+import { ApiError, api, apiKey, setApiKey } from "./api.js";
 import { $ } from "./dom.js";
 import { buildForm, clearFieldErrors, fillForm, formRequest, showFieldErrors } from "./form.js";
 import { renderHistory } from "./history.js";
@@ -28,11 +28,17 @@ async function start() {
     toggleLanguage();
     render();
   });
+  const key = $("#api-key");
+  key.value = apiKey();
+  key.addEventListener("change", () => {
+    setApiKey(key.value.trim());
+    location.reload(); // start over with the key: config, history, streams
+  });
   try {
     config = await api("v1/config");
   } catch (error) {
     $("#generate").disabled = true;
-    showBanner(t("error.config", { message: error.message }));
+    showBanner(error.status === 401 ? t("error.key") : t("error.config", { message: error.message }));
     return;
   }
   buildForm(config);
@@ -81,6 +87,10 @@ async function refreshHistory() {
 function showError(error) {
   if (!(error instanceof ApiError)) {
     showBanner(t("error.network", { message: error.message }));
+    return;
+  }
+  if (error.status === 401) {
+    showBanner(t("error.key"));
     return;
   }
   const unplaced = showFieldErrors(error.fields);

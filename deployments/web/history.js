@@ -1,6 +1,6 @@
 // The recent jobs: thumbnail, status, prompt (as text), parameters, and "generate again".
 
-import { thumbnailUrl } from "./api.js";
+import { showMedia, thumbnailUrl } from "./api.js";
 import { overrideItems, summaryText } from "./describe.js";
 import { $, el } from "./dom.js";
 import { language, t } from "./i18n.js";
@@ -34,7 +34,9 @@ function historyItem(job, { onAgain, onShow }) {
 
 function thumbnail(job) {
   if (job.status !== "completed") return el("span", { className: "thumb-empty" });
-  return el("img", { src: thumbnailUrl(job.id), alt: "", loading: "lazy" });
+  const image = el("img", { alt: "", loading: "lazy" });
+  showMedia(image, "src", thumbnailUrl(job.id));
+  return image;
 }
 
 function createdAt(job) {

@@ -7,6 +7,8 @@ const TEXT = {
   zh: {
     title: "Wan2.1 文生视频",
     lang_toggle: "English",
+    api_key: "API 密钥",
+    api_key_placeholder: "服务器要求时填写",
     server_info: "模型 {model} · 内存策略 {policy} · 文本编码器 {encoders}",
     demo_banner: "演示模型：随机权重，并非 Wan2.1。生成的视频是噪声，仅用于演示整个流程。",
     prompt: "提示词",
@@ -64,10 +66,13 @@ const TEXT = {
     override: "{field}：请求 {requested}，实际使用 {effective}（服务器固定）",
     "error.network": "无法连接服务器：{message}",
     "error.config": "无法读取服务器配置：{message}",
+    "error.key": "此服务需要 API 密钥：请在页面右上角填写正确的密钥。",
   },
   en: {
     title: "Wan2.1 text to video",
     lang_toggle: "中文",
+    api_key: "API key",
+    api_key_placeholder: "if the server asks for one",
     server_info: "Model {model} · memory policy {policy} · text encoder {encoders}",
     demo_banner: "Demo model: random weights, not Wan2.1. Its videos are noise; it only demonstrates the pipeline.",
     prompt: "Prompt",
@@ -125,6 +130,7 @@ const TEXT = {
     override: "{field}: requested {requested}, used {effective} (fixed by the server)",
     "error.network": "Cannot reach the server: {message}",
     "error.config": "Cannot read the server's configuration: {message}",
+    "error.key": "This service needs an API key: enter the right one at the top of the page.",
   },
 };
 

@@ -1,42 +1,53 @@
 // The result panel: follows one job over its event stream (progress bar, phase, step n/N, time left
 // from the step timing), then plays the finished video and offers it for download.
 
-import { cancelJob, eventsUrl, parseJson, thumbnailUrl, videoUrl } from "./api.js";
+import { ApiError, cancelJob, readEvents, showMedia, thumbnailUrl, videoUrl } from "./api.js";
 import { overrideItems, summaryText } from "./describe.js";
 import { $ } from "./dom.js";
 import { t } from "./i18n.js";
 
 const TERMINAL = ["completed", "failed", "cancelled"];
+const RECONNECT_MS = 2000;
 
 let job = null;
-let stream = null;
+let following = null; // aborts the stream of the job shown before
 let clock = {}; // the first and the latest denoising step seen, with when they were seen
 let lost = false;
 
 /** Shows `next` and follows it until it ends; `onFinished(job)` runs once it has. */
 export function followJob(next, onFinished) {
-  stream?.close();
+  following?.abort();
+  following = new AbortController();
   job = next;
   clock = {};
   lost = false;
   $("#result").hidden = true;
   $("#video").removeAttribute("src");
   renderJob();
-  const source = new EventSource(eventsUrl(job.id));
-  for (const type of ["state", "progress", "status"]) {
-    source.addEventListener(type, (event) => update(parseJson(event.data)));
+  follow(following.signal, onFinished);
+}
+
+/** Reads the job's events until `done`; a dropped stream is reopened, as EventSource would (it starts with the current state). */
+async function follow(signal, onFinished) {
+  let finished = false;
+  while (!finished && !signal.aborted) {
+    try {
+      await readEvents(job.id, (type, next) => {
+        update(next);
+        finished ||= type === "done";
+      }, signal);
+    } catch (error) {
+      if (error instanceof ApiError) { // refused (no key, job gone): asking again will not help
+        lost = true;
+        renderJob();
+        return;
+      }
+    }
+    if (!finished && !signal.aborted) await new Promise((resolve) => setTimeout(resolve, RECONNECT_MS));
   }
-  source.addEventListener("done", (event) => {
-    source.close();
-    update(parseJson(event.data));
-    if (job.status === "completed") showVideo();
-    onFinished(job);
-  });
-  source.addEventListener("error", () => {
-    lost = source.readyState === EventSource.CLOSED; // otherwise the browser reconnects by itself
-    renderJob();
-  });
-  stream = source;
+  if (!finished) return;
+  if (job.status === "completed") showVideo();
+  onFinished(job);
 }
 
 export function cancelCurrent() {
@@ -97,8 +108,9 @@ function secondsLeft() {
 }
 
 function showVideo() {
-  const url = videoUrl(job.id);
-  Object.assign($("#video"), { src: url, poster: thumbnailUrl(job.id) });
-  Object.assign($("#download"), { href: url, download: `${job.id}.mp4` });
+  showMedia($("#video"), "src", videoUrl(job.id));
+  showMedia($("#video"), "poster", thumbnailUrl(job.id));
+  showMedia($("#download"), "href", videoUrl(job.id));
+  $("#download").download = `${job.id}.mp4`;
   $("#result").hidden = false;
 }
