@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
-from deployments.gateway import Gateway
+from deployments.gateway import RETRY_AFTER_S, Gateway
 from deployments.generator import VideoGenerator
 from deployments.precedence import ParamOverrides
 from deployments.text_encoder import TextEncoder
@@ -94,6 +95,11 @@ class GeneratorOptions(Strict):
 class GatewayOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
+    # Ray Serve's own admission limits per gateway replica (submits are cheap, but SSE streams and
+    # /sync calls hold a slot for a whole video). Past both, Serve's proxy answers 429 with
+    # Retry-After, as the gateway does past max_pending_jobs, instead of Serve's default 503.
+    max_ongoing_requests: int = Field(default=1000, ge=1)
+    max_queued_requests: int = Field(default=1000, ge=1)
 
 
 class OutputLimits(Strict):
@@ -196,5 +202,9 @@ def build(args: AppArgs) -> serve.Application:
         "honor_request_offload": gen.honor_request_offload,
     }
     return Gateway.options(
-        num_replicas=args.gateway.num_replicas, ray_actor_options={"num_cpus": args.gateway.num_cpus}
+        num_replicas=args.gateway.num_replicas,
+        ray_actor_options={"num_cpus": args.gateway.num_cpus},
+        max_ongoing_requests=args.gateway.max_ongoing_requests,
+        max_queued_requests=args.gateway.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
     ).bind(encoders.get("cpu"), encoders.get("gpu"), generator, settings)

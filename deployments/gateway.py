@@ -41,6 +41,7 @@ WEB_DIR = Path(__file__).parent / "web"
 SERVE_NAMESPACE = "serve"  # where Serve names its replica actors (a replica's own namespace is the driver's)
 RECOVER_EVERY_S = 5.0  # how often a gateway looks for jobs left running by a dead replica
 SSE_KEEPALIVE_S = 15.0
+RETRY_AFTER_S = 10  # the Retry-After of every 429: the gateway's full queue and Serve's backpressure
 PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
 
 
@@ -120,7 +121,7 @@ if WEB_DIR.is_dir():
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
 
-@serve.deployment(max_ongoing_requests=1000)
+@serve.deployment  # admission limits and backpressure: app.build, from GatewayOptions
 @serve.ingress(app)
 class Gateway:
     def __init__(self, cpu_encoder, gpu_encoder, generator, settings: dict):
@@ -260,7 +261,7 @@ class Gateway:
         try:
             job = self.store.create(job, work, self.settings["max_pending_jobs"])
         except QueueFull as error:
-            raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": "10"}) from None
+            raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         log.info("job %s queued (request %s)", job["id"], job["request_id"])
         self.wakeup.set()
         return job
