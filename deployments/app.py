@@ -53,6 +53,15 @@ class StepCacheOptions(Strict):
     options: dict[str, Any] = {}
 
 
+class FaultInjection(Strict):
+    """Testing and drills only, off unless set: the replica's 1st, (1+n)th, ... job raises
+    torch.OutOfMemoryError in the denoising loop's step callback at `out_of_memory_at_step`, so the
+    job fails with error code `out_of_memory` and the jobs in between show the replica recovered."""
+
+    out_of_memory_at_step: int = Field(ge=1)
+    every_nth_job: int = Field(default=1, ge=1)
+
+
 class GeneratorOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -68,6 +77,7 @@ class GeneratorOptions(Strict):
     # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
     cfg_parallel: bool = False
     step_cache: StepCacheOptions | None = None
+    fault_injection: FaultInjection | None = None
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -185,6 +195,7 @@ def build(args: AppArgs) -> serve.Application:
         {**args.defaults.given(), **args.pins.given()} if gen.compile else None,
         gen.cfg_parallel,
         gen.step_cache.model_dump() if gen.step_cache else None,
+        gen.fault_injection.model_dump() if gen.fault_injection else None,
     )
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)

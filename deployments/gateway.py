@@ -532,6 +532,8 @@ class Gateway:
             log.warning("job %s attempt %d failed (%s); queued again", job["id"], job["attempts"], message)
             self._progress(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
             return
+        if code == "stage_unavailable":
+            message += f"; gave up after {job['attempts']} of max_attempts = {self.max_attempts}"
         log.error("job %s failed: %s (request %s)", job["id"], message, job["request_id"])
         self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
 

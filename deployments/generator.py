@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from deployments.faults import OutOfMemoryInjector, release_memory
 from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
@@ -42,8 +43,12 @@ class VideoGenerator:
         compile_for: dict | None = None,
         cfg_parallel: bool = False,
         step_cache: dict | None = None,
+        fault_injection: dict | None = None,
     ):
-        """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager."""
+        """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager.
+
+        `fault_injection`: OutOfMemoryInjector's arguments, for tests and drills; None (the default) = off.
+        """
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
             device = "cpu"
@@ -63,6 +68,7 @@ class VideoGenerator:
         self.honor_request_offload = honor_request_offload
         # One generation at a time per replica, also while a cancelled one finishes its current step.
         self._running = threading.Lock()
+        self.faults = OutOfMemoryInjector(**fault_injection) if fault_injection else None
 
     async def generate(self, job: dict):
         """job = {"params": dict, "context": Tensor, "negative_context": Tensor}; yields event dicts."""
@@ -70,14 +76,21 @@ class VideoGenerator:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
         cancelled = threading.Event()
+        observers = [self.faults.for_next_job()] if self.faults else []
 
         def on_progress(phase: str, step: int, total: int) -> None:
+            for observe in observers:
+                observe(phase, step, total)
             loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "phase": phase, "step": step, "total": total})
 
         def run() -> dict:
             with self._running:
                 self.model.models.switch(self._policy_for(params))
-                result = self.model.generate(params, job["context"], job["negative_context"], on_progress, cancelled.is_set)
+                try:
+                    result = self.model.generate(params, job["context"], job["negative_context"], on_progress, cancelled.is_set)
+                except torch.OutOfMemoryError:
+                    release_memory(self.model.device)  # the next job starts with the memory this one held
+                    raise
                 on_progress("write", 0, 1)
                 started = time.perf_counter()
                 mp4 = _encode_mp4(result.frames)

@@ -105,6 +105,21 @@ def deploy(serve_url: str, name: str, args: dict, timeout_s: float = 180.0) -> R
     raise TimeoutError(f"app {name} not ready after {timeout_s}s")
 
 
+def kill_replicas(app: str, deployment: str = "") -> int:
+    """SIGKILL the processes of every replica of `app` (of one deployment, if named): no shutdown
+    hooks run, as in a crash. Returns how many."""
+    import signal
+
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}"
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True) if actor["name"].startswith(prefix)]
+    pids = [ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda replica: os.getpid())) for name in names]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
+
+
 @pytest.fixture(scope="module")
 def tiny_app(serve_instance, tmp_path_factory) -> Iterator[RunningApp]:
     """The tiny application (demo model, CPU only), one per test module, deleted afterwards."""
