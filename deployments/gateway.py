@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from deployments.jobs import JOB_ID, JobStore, QueueFull, new_job_id
+from deployments.metrics import GatewayMetrics
 from deployments.precedence import ParamOverrides, resolve
 from deployments.protocol import (
     ALLOWED_REQUEST,
@@ -109,6 +110,17 @@ def replica_alive(owner: str) -> bool:
     return True
 
 
+def tag_job_calls(request_id: str) -> None:
+    """Give the running task the job's request id, as Serve's proxy does for an HTTP request.
+
+    The runner works outside any request, so without this the encoder and generator calls would get
+    fresh ids. Serve passes the id from its request context along with every handle call, and its
+    log formatter writes it on every line logged within the call, in all three replicas. Serve has
+    no public setter; `_set_request_context` is the one its own proxy path uses.
+    """
+    serve.context._set_request_context(request_id=request_id)
+
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {name: round(seconds, 4) for name, seconds in timings.items()}
 
@@ -139,6 +151,7 @@ class Gateway:
         self.wakeup = asyncio.Event()
         self.tick = asyncio.Event()  # set (and replaced) whenever this replica changes a job
         self.running: dict[str, Any] = {}  # job id -> generator stream, to cancel at once
+        self.metrics = GatewayMetrics()
         loop = asyncio.get_event_loop()
         self.tasks = [loop.create_task(self._recover()), *(loop.create_task(self._runner(i)) for i in range(settings["concurrent_jobs"]))]
 
@@ -261,8 +274,10 @@ class Gateway:
         try:
             job = self.store.create(job, work, self.settings["max_pending_jobs"])
         except QueueFull as error:
+            self.metrics.job("rejected")
             raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         log.info("job %s queued (request %s)", job["id"], job["request_id"])
+        self.metrics.job("queued")
         self.wakeup.set()
         return job
 
@@ -369,6 +384,8 @@ class Gateway:
 
     def _cancel(self, job_id: str) -> dict:
         job = self.store.cancel(job_id)
+        if job is not None and job["status"] == "cancelled":
+            self.metrics.job("cancelled")
         stream = self.running.get(job_id)
         if stream is not None:
             stream.cancel()  # this replica runs it: stop the generator now, not at the next step
@@ -449,6 +466,7 @@ class Gateway:
         while True:
             try:
                 claimed = self.store.claim(owner, self.lease_seconds, self.settings["concurrent_jobs"])
+                self.metrics.pending.set(self.store.count("queued"))  # at least once a second, and after each submit
             except Exception:  # noqa: BLE001 - a locked database must not kill the runner
                 log.exception("claiming a job failed")
                 claimed = None
@@ -465,16 +483,19 @@ class Gateway:
                 self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
                                error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
                 continue
-            await self._run(job, work, owner)
+            await asyncio.create_task(self._run(job, work, owner))  # a task of its own: the job's request id stays with it
 
     def _progress(self, job_id: str, owner: str, **fields: Any) -> bool:
         """Record a change of a job this runner holds; False when it is no longer ours (cancelled, deleted)."""
         changed = self.store.update(job_id, owner, **fields) is not None
+        if changed and "status" in fields:
+            self.metrics.job("retried" if fields["status"] == "queued" else fields["status"])
         self._notify()
         return changed
 
     async def _run(self, job: dict, work: dict, owner: str) -> None:
         job_id = job["id"]
+        tag_job_calls(job["request_id"])
         renewal = asyncio.get_running_loop().create_task(self._renew(job_id, owner))
         started = time.time()
         timings = {"queue": started - work["submitted_at"]}
@@ -518,7 +539,9 @@ class Gateway:
                  "completed_at": int(time.time()), "timings": _rounded(timings),
                  "memory_policy": result["memory_policy"], "peak_gpu_memory_bytes": result["peak_gpu_bytes"]}
         await asyncio.to_thread(self.store.write_result, {**current, **final}, result["mp4"], result["thumbnail"])
-        if not self._progress(job_id, owner, **final):
+        if self._progress(job_id, owner, **final):
+            self.metrics.completed(timings, result["peak_gpu_bytes"])
+        else:
             latest = self.store.get(job_id)
             if latest is None or latest["status"] == "cancelled":
                 self.store.delete_files(job_id)  # cancelled while the files were written

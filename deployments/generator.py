@@ -22,6 +22,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.faults import OutOfMemoryInjector, release_memory
+from deployments.metrics import GeneratorMetrics
 from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
@@ -69,6 +70,7 @@ class VideoGenerator:
         # One generation at a time per replica, also while a cancelled one finishes its current step.
         self._running = threading.Lock()
         self.faults = OutOfMemoryInjector(**fault_injection) if fault_injection else None
+        self.metrics = GeneratorMetrics()
 
     async def generate(self, job: dict):
         """job = {"params": dict, "context": Tensor, "negative_context": Tensor}; yields event dicts."""
@@ -76,7 +78,7 @@ class VideoGenerator:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
         cancelled = threading.Event()
-        observers = [self.faults.for_next_job()] if self.faults else []
+        observers = [self.metrics.step_timer()] + ([self.faults.for_next_job()] if self.faults else [])
 
         def on_progress(phase: str, step: int, total: int) -> None:
             for observe in observers:
@@ -95,6 +97,7 @@ class VideoGenerator:
                 started = time.perf_counter()
                 mp4 = _encode_mp4(result.frames)
                 result.timings["mp4_write"] = time.perf_counter() - started
+                log.info("generated %d frames at %s, %d steps, in %.1fs", result.frames.shape[0], params.size, params.sample_steps, sum(result.timings.values()))
                 return {
                     "type": "result",
                     "mp4": mp4,
