@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class OutOfMemoryInjector:
@@ -33,8 +37,17 @@ class OutOfMemoryInjector:
         return on_progress
 
 
-def release_memory(device: torch.device) -> None:
-    """After an out-of-memory error: drop the failed job's tensors and hand cached blocks back."""
+def freeing_memory_on_oom(generate: Callable[[], T], device: torch.device) -> T:
+    """Run `generate`; on out-of-memory, free what the failed job held before the error goes up.
+
+    Only the message travels on: the original traceback's frames would keep the job's tensors alive
+    through gc.collect() and empty_cache(), and the next job would start short of memory.
+    """
+    try:
+        return generate()
+    except torch.OutOfMemoryError as error:
+        message = str(error)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    raise torch.OutOfMemoryError(message)

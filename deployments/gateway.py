@@ -452,6 +452,7 @@ class Gateway:
         while True:
             try:
                 requeued = await asyncio.to_thread(self.store.requeue_orphans, replica_alive)
+                self.metrics.count_pending(self.store)  # also while every runner is busy with a video
             except Exception:  # noqa: BLE001 - a locked database must not end recovery
                 log.exception("looking for orphaned jobs failed")
                 requeued = []
@@ -466,7 +467,7 @@ class Gateway:
         while True:
             try:
                 claimed = self.store.claim(owner, self.lease_seconds, self.settings["concurrent_jobs"])
-                self.metrics.pending.set(self.store.count("queued"))  # at least once a second, and after each submit
+                self.metrics.count_pending(self.store)
             except Exception:  # noqa: BLE001 - a locked database must not kill the runner
                 log.exception("claiming a job failed")
                 claimed = None

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from deployments.faults import OutOfMemoryInjector, release_memory
+from deployments.faults import OutOfMemoryInjector, freeing_memory_on_oom
 from deployments.metrics import GeneratorMetrics
 from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
@@ -88,11 +88,9 @@ class VideoGenerator:
         def run() -> dict:
             with self._running:
                 self.model.models.switch(self._policy_for(params))
-                try:
-                    result = self.model.generate(params, job["context"], job["negative_context"], on_progress, cancelled.is_set)
-                except torch.OutOfMemoryError:
-                    release_memory(self.model.device)  # the next job starts with the memory this one held
-                    raise
+                result = freeing_memory_on_oom(
+                    lambda: self.model.generate(params, job["context"], job["negative_context"], on_progress, cancelled.is_set), self.model.device
+                )
                 on_progress("write", 0, 1)
                 started = time.perf_counter()
                 mp4 = _encode_mp4(result.frames)
