@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
-from deployments.gateway import Gateway
+from deployments.gateway import RETRY_AFTER_S, Gateway
 from deployments.generator import VideoGenerator
 from deployments.precedence import ParamOverrides
 from deployments.security import SecurityPolicy, load_api_keys
@@ -54,6 +55,15 @@ class StepCacheOptions(Strict):
     options: dict[str, Any] = {}
 
 
+class FaultInjection(Strict):
+    """Testing and drills only, off unless set: the replica's 1st, (1+n)th, ... job raises
+    torch.OutOfMemoryError in the denoising loop's step callback at `out_of_memory_at_step`, so the
+    job fails with error code `out_of_memory` and the jobs in between show the replica recovered."""
+
+    out_of_memory_at_step: int = Field(ge=1)
+    every_nth_job: int = Field(default=1, ge=1)
+
+
 class GeneratorOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -72,6 +82,7 @@ class GeneratorOptions(Strict):
     # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
     cfg_parallel: bool = False
     step_cache: StepCacheOptions | None = None
+    fault_injection: FaultInjection | None = None
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -105,6 +116,11 @@ class GatewayOptions(Strict):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # Browser origins (https://host:port) allowed to call the API from other sites; empty: no CORS.
     cors_origins: list[str] = []
+    # Ray Serve's own admission limits per gateway replica (submits are cheap, but SSE streams and
+    # /sync calls hold a slot for a whole video). Past both, Serve's proxy answers 429 with
+    # Retry-After, as the gateway does past max_pending_jobs, instead of Serve's default 503.
+    max_ongoing_requests: int = Field(default=1000, ge=1)
+    max_queued_requests: int = Field(default=1000, ge=1)
 
 
 class AuthOptions(Strict):
@@ -209,6 +225,7 @@ def build(args: AppArgs) -> serve.Application:
         gen.cfg_parallel,
         gen.step_cache.model_dump() if gen.step_cache else None,
         gen.attention,
+        gen.fault_injection.model_dump() if gen.fault_injection else None,
     )
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)
@@ -227,5 +244,9 @@ def build(args: AppArgs) -> serve.Application:
         "security": security,
     }
     return Gateway.options(
-        num_replicas=args.gateway.num_replicas, ray_actor_options={"num_cpus": args.gateway.num_cpus}
+        num_replicas=args.gateway.num_replicas,
+        ray_actor_options={"num_cpus": args.gateway.num_cpus},
+        max_ongoing_requests=args.gateway.max_ongoing_requests,
+        max_queued_requests=args.gateway.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=429, retry_after_s=RETRY_AFTER_S),
     ).bind(encoders.get("cpu"), encoders.get("gpu"), generator, settings)

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import ApiError, error_response, field_error
 from deployments.jobs import JOB_ID, JobStore, QueueFull, new_job_id
+from deployments.metrics import GatewayMetrics
 from deployments.precedence import ParamOverrides, resolve
 from deployments.protocol import (
     ALLOWED_REQUEST,
@@ -44,6 +45,7 @@ WEB_DIR = Path(__file__).parent / "web"
 SERVE_NAMESPACE = "serve"  # where Serve names its replica actors (a replica's own namespace is the driver's)
 RECOVER_EVERY_S = 5.0  # how often a gateway looks for jobs left running by a dead replica
 SSE_KEEPALIVE_S = 15.0
+RETRY_AFTER_S = 10  # the Retry-After of every 429: the gateway's full queue and Serve's backpressure
 PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
 
 
@@ -112,6 +114,17 @@ def replica_alive(owner: str) -> bool:
     return True
 
 
+def tag_job_calls(request_id: str) -> None:
+    """Give the running task the job's request id, as Serve's proxy does for an HTTP request.
+
+    The runner works outside any request, so without this the encoder and generator calls would get
+    fresh ids. Serve passes the id from its request context along with every handle call, and its
+    log formatter writes it on every line logged within the call, in all three replicas. Serve has
+    no public setter; `_set_request_context` is the one its own proxy path uses.
+    """
+    serve.context._set_request_context(request_id=request_id)
+
+
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {name: round(seconds, 4) for name, seconds in timings.items()}
 
@@ -129,7 +142,7 @@ if WEB_DIR.is_dir():
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
 
-@serve.deployment(max_ongoing_requests=1000)
+@serve.deployment  # admission limits and backpressure: app.build, from GatewayOptions
 @serve.ingress(app)
 class Gateway:
     def __init__(self, cpu_encoder, gpu_encoder, generator, settings: dict):
@@ -148,6 +161,7 @@ class Gateway:
         self.wakeup = asyncio.Event()
         self.tick = asyncio.Event()  # set (and replaced) whenever this replica changes a job
         self.running: dict[str, Any] = {}  # job id -> generator stream, to cancel at once
+        self.metrics = GatewayMetrics()
         loop = asyncio.get_event_loop()
         self.tasks = [loop.create_task(self._recover()), *(loop.create_task(self._runner(i)) for i in range(settings["concurrent_jobs"]))]
 
@@ -270,8 +284,10 @@ class Gateway:
         try:
             job = self.store.create(job, work, self.settings["max_pending_jobs"])
         except QueueFull as error:
-            raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": "10"}) from None
+            self.metrics.job("rejected")
+            raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         log.info("job %s queued (request %s)", job["id"], job["request_id"])
+        self.metrics.job("queued")
         self.wakeup.set()
         return job
 
@@ -379,6 +395,8 @@ class Gateway:
 
     def _cancel(self, job_id: str) -> dict:
         job = self.store.cancel(job_id)
+        if job is not None and job["status"] == "cancelled":
+            self.metrics.job("cancelled")
         stream = self.running.get(job_id)
         if stream is not None:
             stream.cancel()  # this replica runs it: stop the generator now, not at the next step
@@ -445,6 +463,7 @@ class Gateway:
         while True:
             try:
                 requeued = await asyncio.to_thread(self.store.requeue_orphans, replica_alive)
+                self.metrics.count_pending(self.store)  # also while every runner is busy with a video
             except Exception:  # noqa: BLE001 - a locked database must not end recovery
                 log.exception("looking for orphaned jobs failed")
                 requeued = []
@@ -459,6 +478,7 @@ class Gateway:
         while True:
             try:
                 claimed = self.store.claim(owner, self.lease_seconds, self.settings["concurrent_jobs"])
+                self.metrics.count_pending(self.store)
             except Exception:  # noqa: BLE001 - a locked database must not kill the runner
                 log.exception("claiming a job failed")
                 claimed = None
@@ -475,16 +495,19 @@ class Gateway:
                 self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
                                error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
                 continue
-            await self._run(job, work, owner)
+            await asyncio.create_task(self._run(job, work, owner))  # a task of its own: the job's request id stays with it
 
     def _progress(self, job_id: str, owner: str, **fields: Any) -> bool:
         """Record a change of a job this runner holds; False when it is no longer ours (cancelled, deleted)."""
         changed = self.store.update(job_id, owner, **fields) is not None
+        if changed and "status" in fields:
+            self.metrics.job("retried" if fields["status"] == "queued" else fields["status"])
         self._notify()
         return changed
 
     async def _run(self, job: dict, work: dict, owner: str) -> None:
         job_id = job["id"]
+        tag_job_calls(job["request_id"])
         renewal = asyncio.get_running_loop().create_task(self._renew(job_id, owner))
         started = time.time()
         timings = {"queue": started - work["submitted_at"]}
@@ -528,7 +551,9 @@ class Gateway:
                  "completed_at": int(time.time()), "timings": _rounded(timings),
                  "memory_policy": result["memory_policy"], "peak_gpu_memory_bytes": result["peak_gpu_bytes"]}
         await asyncio.to_thread(self.store.write_result, {**current, **final}, result["mp4"], result["thumbnail"])
-        if not self._progress(job_id, owner, **final):
+        if self._progress(job_id, owner, **final):
+            self.metrics.completed(timings, result["peak_gpu_bytes"])
+        else:
             latest = self.store.get(job_id)
             if latest is None or latest["status"] == "cancelled":
                 self.store.delete_files(job_id)  # cancelled while the files were written
@@ -542,6 +567,8 @@ class Gateway:
             log.warning("job %s attempt %d failed (%s); queued again", job["id"], job["attempts"], message)
             self._progress(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
             return
+        if code == "stage_unavailable":
+            message += f"; gave up after {job['attempts']} of max_attempts = {self.max_attempts}"
         log.error("job %s failed: %s (request %s)", job["id"], message, job["request_id"])
         self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
 

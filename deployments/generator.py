@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from ray import serve
 
+from deployments.faults import OutOfMemoryInjector, freeing_memory_on_oom
+from deployments.metrics import GeneratorMetrics
 from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
@@ -41,8 +43,12 @@ class VideoGenerator:
         cfg_parallel: bool = False,
         step_cache: dict | None = None,
         attention: str = "auto",
+        fault_injection: dict | None = None,
     ):
-        """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager."""
+        """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager.
+
+        `fault_injection`: OutOfMemoryInjector's arguments, for tests and drills; None (the default) = off.
+        """
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
             device = "cpu"
@@ -63,6 +69,8 @@ class VideoGenerator:
         self.honor_request_offload = honor_request_offload
         # One generation at a time per replica, also while a cancelled one finishes its current step.
         self._running = threading.Lock()
+        self.faults = OutOfMemoryInjector(**fault_injection) if fault_injection else None
+        self.metrics = GeneratorMetrics()
 
     async def generate(self, job: dict):
         """job = {"params": dict, "context": Tensor, "negative_context": Tensor}; yields event dicts."""
@@ -70,17 +78,24 @@ class VideoGenerator:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
         cancelled = threading.Event()
+        observers = [self.metrics.step_timer()] + ([self.faults.for_next_job()] if self.faults else [])
 
         def on_progress(phase: str, step: int, total: int) -> None:
+            for observe in observers:
+                observe(phase, step, total)
             loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "phase": phase, "step": step, "total": total})
 
         def run() -> dict:
             with self._running:
                 self.model.models.switch(self._policy_for(params))
                 with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
-                    result = self.model.generate(params, job["context"], job["negative_context"], on_progress,
-                                                 cancelled.is_set, video_path=Path(folder) / "video.mp4")
+                    result = freeing_memory_on_oom(
+                        lambda: self.model.generate(params, job["context"], job["negative_context"], on_progress,
+                                                    cancelled.is_set, video_path=Path(folder) / "video.mp4"),
+                        self.model.device,
+                    )
                     mp4 = result.video_path.read_bytes()
+                log.info("generated %d frames at %s, %d steps, in %.1fs", result.frames.shape[0], params.size, params.sample_steps, sum(result.timings.values()))
                 return {
                     "type": "result",
                     "mp4": mp4,

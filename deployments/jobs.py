@@ -145,6 +145,9 @@ class JobStore:
         rows = self._read("SELECT seq, status, job FROM jobs WHERE id = ?", (job_id,))
         return self._shown(rows[0]) if rows else None
 
+    def count(self, status: str) -> int:
+        return self._read("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,))[0][0]
+
     def _queue_position(self, seq: int) -> int:
         return self._read("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq <= ?", (seq,))[0][0]
 

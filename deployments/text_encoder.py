@@ -16,6 +16,7 @@ import time
 import torch
 from ray import serve
 
+from deployments.metrics import TextEncoderMetrics
 from pipeline.loading import ModelSource, load_text_encoder, parse_dtype, default_text_dtype
 from pipeline.text import PromptEncoder
 
@@ -40,16 +41,20 @@ class TextEncoder:
         self.encoder = PromptEncoder(tokenizer, model, self.device, cache_size=options["cache_size"])
         self._encode_batch.set_max_batch_size(options["max_batch_size"])
         self._encode_batch.set_batch_wait_timeout_s(options["batch_wait_timeout_s"])
+        self.metrics = TextEncoderMetrics()
         log.info("TextEncoder(%s) on %s in %s, loaded in %.1fs", placement, self.device, dtype, time.perf_counter() - started)
 
     async def encode(self, prompt: str, negative_prompt: str) -> dict:
         """Real-token embeddings for a prompt and its negative prompt, with the encode time."""
         started = time.perf_counter()
         context, negative_context = await asyncio.gather(self._encode_batch(prompt), self._encode_batch(negative_prompt))
+        seconds = time.perf_counter() - started
+        self.metrics.encoded(seconds, self.encoder.cache_hits, self.encoder.cache_misses)
+        log.info("encoded a prompt of %d tokens and its negative prompt in %.3fs", context.shape[0], seconds)
         return {
             "context": context,
             "negative_context": negative_context,
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
             "placement": self.placement,
             "device": str(self.device),
         }

@@ -39,16 +39,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serve_instance(tmp_path_factory) -> Iterator[str]:
+def metrics_port() -> int:
+    """Where Ray's metrics agent serves Prometheus text for the session's cluster (no dashboard needed)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def serve_instance(tmp_path_factory, metrics_port) -> Iterator[str]:
     """Real Ray with a GPU resource declared (so GPU placement is exercised) and Serve's HTTP proxy.
 
     Yields the proxy's base URL. Started once per session: a Ray start costs ~15 s on 2 cores.
+    Metrics are reported every second (Ray's default is 10 s) so a test sees a job's metrics soon.
     """
     import ray
     from ray import serve
 
     os.environ.setdefault("WAN_T2V_CACHE", str(tmp_path_factory.mktemp("wan-cache")))
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING",
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "WAN_T2V_CACHE": os.environ["WAN_T2V_CACHE"]}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -103,6 +111,21 @@ def deploy(serve_url: str, name: str, args: dict, timeout_s: float = 180.0) -> R
                 pass
             time.sleep(0.5)
     raise TimeoutError(f"app {name} not ready after {timeout_s}s")
+
+
+def kill_replicas(app: str, deployment: str = "") -> int:
+    """SIGKILL the processes of every replica of `app` (of one deployment, if named): no shutdown
+    hooks run, as in a crash. Returns how many."""
+    import signal
+
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}"
+    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True) if actor["name"].startswith(prefix)]
+    pids = [ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda replica: os.getpid())) for name in names]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    return len(pids)
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,15 @@ and the list holds each job exactly once. The second deployment has two gateway 
 race for every job: the leases let exactly one run each.
 """
 
-import os
-import signal
 import time
 from pathlib import Path
 
-import ray
 from ray import serve
 
-from conftest import deploy, tiny_args
+from conftest import deploy, kill_replicas, tiny_args
 from video_jobs import poll, submit
 
 APP = "durable"
-
-
-def kill_replicas(app: str) -> int:
-    """SIGKILL the processes of every replica of `app` (no shutdown hooks run); returns how many."""
-    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-             if actor["name"].startswith(f"SERVE_REPLICA::{app}#")]
-    pids = [ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda replica: os.getpid())) for name in names]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    return len(pids)
 
 
 def test_a_hard_stop_loses_no_job(serve_instance, tmp_path_factory):
