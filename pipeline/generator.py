@@ -172,19 +172,19 @@ class VideoModel:
         writer = Mp4Writer(video_path, params.width, params.height) if video_path is not None else None
         try:
             frames = decode_latents(self.models.vae, latents, writer.add if writer else None)
+            timings["decode"] = time.perf_counter() - started
+            if on_progress is not None:
+                on_progress("decode", 1, 1)
+            if writer is not None:
+                if on_progress is not None:
+                    on_progress("write", 0, 1)
+                started = time.perf_counter()
+                writer.close()
+                timings["mp4_write"] = time.perf_counter() - started
         except BaseException:
             if writer is not None:
-                writer.abort()
+                writer.abort()  # stops ffmpeg and removes the partial file (a no-op after a failed close)
             raise
-        timings["decode"] = time.perf_counter() - started
-        if on_progress is not None:
-            on_progress("decode", 1, 1)
-        if writer is not None:
-            if on_progress is not None:
-                on_progress("write", 0, 1)
-            started = time.perf_counter()
-            writer.close()
-            timings["mp4_write"] = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
         return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak,
                                 video_path=writer.path if writer else None)

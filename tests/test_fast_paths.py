@@ -109,3 +109,14 @@ def test_generate_writes_the_mp4_while_decoding(demo_source, embeddings, tmp_pat
     assert decoded.shape == result.frames.shape and meta["size"] == (PARAMS.width, PARAMS.height)
     assert np.abs(decoded.astype(np.float64) - result.frames).mean() < 12  # H.264 at quality 8
     assert phases[-3:] == ["decode", "decode", "write"] and "mp4_write" in result.timings
+
+
+def test_a_failure_after_the_decode_leaves_no_partial_mp4(demo_source, embeddings, tmp_path):
+    def fail_at_write(phase, *_):
+        if phase == "write":
+            raise RuntimeError("the caller went away")
+
+    model = VideoModel.load(demo_source, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="went away"):
+        model.generate(PARAMS, *embeddings, on_progress=fail_at_write, video_path=tmp_path / "out.mp4")
+    assert list(tmp_path.iterdir()) == []
