@@ -24,7 +24,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.errors import ApiError, error_response, field_error
-from deployments.jobs import JOB_ID, JobStore, QueueFull, new_job_id
+from deployments.jobs import ACTIVE, JOB_ID, JobStore, QueueFull, new_job_id
 from deployments.metrics import GatewayMetrics
 from deployments.precedence import ParamOverrides, resolve
 from deployments.protocol import (
@@ -123,6 +123,10 @@ def tag_job_calls(request_id: str) -> None:
     no public setter; `_set_request_context` is the one its own proxy path uses.
     """
     serve.context._set_request_context(request_id=request_id)
+
+
+def not_found(video_id: str) -> ApiError:
+    return field_error(404, "not_found", "video_id", f"no video {video_id[:80]!r}; ids look like video_<24 hex digits>", video_id[:200])
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
@@ -344,7 +348,7 @@ class Gateway:
     def _job(self, job_id: str) -> dict:
         job = self.store.get(job_id) if JOB_ID.match(job_id) else None  # only a well-formed id reaches the store
         if job is None:
-            raise field_error(404, "not_found", "video_id", f"no video {job_id[:80]!r}; ids look like video_<24 hex digits>", job_id[:200])
+            raise not_found(job_id)
         return job
 
     @app.get("/v1/videos/{video_id}", response_model=VideoJob)
@@ -384,24 +388,45 @@ class Gateway:
         media_type = "image/jpeg" if variant == "thumbnail" else "video/mp4"
         return FileResponse(path, media_type=media_type, filename=f"{video_id}{path.suffix}")
 
+    @app.post("/v1/videos/{video_id}/cancel", response_model=VideoJob)
+    async def cancel_video(self, video_id: str) -> dict:
+        """Stops a queued or running job and returns it; a job that has already ended is a 409, left as it is.
+
+        The store decides, in one transaction with the change, so a job finishing at this moment is
+        never deleted, unlike a status look followed by DELETE.
+        """
+        self._job(video_id)  # a 404 naming video_id for an unknown or malformed id
+        outcome = self._cancel(video_id)
+        if outcome is None:
+            raise not_found(video_id)  # deleted since the look
+        job, cancelled = outcome
+        if not cancelled:
+            raise field_error(409, "already_finished", "video_id", f"{video_id} is already {job['status']}; nothing to cancel", video_id)
+        return job
+
     @app.delete("/v1/videos/{video_id}")
     async def delete(self, video_id: str) -> dict:
-        """Cancels a queued or running job (returning it); deletes a finished one and its files."""
-        job = self._job(video_id)
-        if job["status"] in ("queued", "in_progress"):
-            return self._cancel(video_id)
+        """Cancels a queued or running job (returning it); deletes a finished one and its files.
+
+        OpenAI's clients delete finished videos with it. To stop a job, POST .../cancel: between
+        a client's look and its DELETE the job may finish, and DELETE would then delete the video.
+        """
+        outcome = self._cancel(video_id) if self._job(video_id)["status"] in ACTIVE else None
+        if outcome is not None:
+            return outcome[0]
         self.store.delete(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    def _cancel(self, job_id: str) -> dict:
-        job = self.store.cancel(job_id)
-        if job is not None and job["status"] == "cancelled":
+    def _cancel(self, job_id: str) -> tuple[dict, bool] | None:
+        """The store's answer: the job and whether this call cancelled it; None for no such job."""
+        outcome = self.store.cancel(job_id)
+        if outcome is not None and outcome[1]:
             self.metrics.job("cancelled")
-        stream = self.running.get(job_id)
-        if stream is not None:
-            stream.cancel()  # this replica runs it: stop the generator now, not at the next step
-        self._notify()
-        return job
+            stream = self.running.get(job_id)
+            if stream is not None:
+                stream.cancel()  # this replica runs it: stop the generator now, not at the next step
+            self._notify()
+        return outcome
 
     # -- live progress ------------------------------------------------------------------------
 

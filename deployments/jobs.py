@@ -245,17 +245,24 @@ class JobStore:
             self._save(db, job, **released)
         return job
 
-    def cancel(self, job_id: str) -> dict | None:
-        """Cancel a queued or running job; the runner notices on its next step or renewal."""
+    def cancel(self, job_id: str) -> tuple[dict, bool] | None:
+        """Cancel a queued or running job; the runner notices on its next step or renewal.
+
+        Returns the job as it now is and whether this call cancelled it (False: it had already
+        ended), or None for no such job. The look and the change share one write-locked
+        transaction, so a job completing at the same moment is either cancelled or reported as
+        finished: callers never decide from a status read earlier.
+        """
         with self._transaction() as db:
-            row = db.execute("SELECT job FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT status, job FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 return None
             job = json.loads(row["job"])
-            if job["status"] in ACTIVE:
-                job.update(status="cancelled", phase="cancelled", queue_position=None, completed_at=int(time.time()))
-                self._save(db, job, lease_owner=None, lease_expires=None)
-        return job
+            if row["status"] not in ACTIVE:
+                return job, False
+            job.update(status="cancelled", phase="cancelled", queue_position=None, completed_at=int(time.time()))
+            self._save(db, job, lease_owner=None, lease_expires=None)
+        return job, True
 
     def delete(self, job_id: str) -> bool:
         with self._transaction() as db:

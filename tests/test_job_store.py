@@ -95,14 +95,23 @@ def test_update_to_a_terminal_status_releases_the_lease(store):
     assert store.claim("a", 30, capacity=1) is None
 
 
-def test_cancel_stops_queued_and_running_jobs_and_leaves_finished_ones(store):
+def test_cancel_stops_queued_and_running_jobs_and_leaves_finished_ones(store, tmp_path):
     queued, running = submit(store), submit(store)
     store.claim("a", 30, capacity=1)  # takes `queued`, the oldest
-    assert store.cancel(running["id"])["status"] == "cancelled"
-    assert store.cancel(queued["id"])["status"] == "cancelled"
+    job, cancelled = store.cancel(running["id"])
+    assert (job["status"], cancelled) == ("cancelled", True)
+    assert store.cancel(queued["id"])[0]["status"] == "cancelled"
     assert store.update(queued["id"], "a", step=1) is None  # the runner sees it is no longer its job
     assert not store.renew(queued["id"], "a", 30)
+    assert store.cancel(queued["id"])[1] is False  # already cancelled: not counted twice
     assert store.cancel(new_job_id()) is None
+
+    done = submit(store)
+    store.claim("a", 30, capacity=1)
+    store.update(done["id"], "a", status="completed")
+    job, cancelled = JobStore(tmp_path).cancel(done["id"])  # another replica's store, as a second gateway would ask
+    assert (job["status"], cancelled) == ("completed", False)
+    assert store.get(done["id"])["status"] == "completed"
 
 
 def test_events_record_every_change_in_order(store):

@@ -60,6 +60,14 @@ def test_a_job_streams_every_step_then_downloads(client, tmp_path):
     assert (done["size"], done["seconds"], done["prompt"]) == ("624x624", "0.5", "a red fox in snow")
     assert done["parameters"]["frame_num"] == 9 and done["seed"] == done["parameters"]["seed"] >= 0
 
+    # A cancel that arrives after the job completed (the race a look-then-DELETE lost): refused, video kept.
+    late = client.post(f"/v1/videos/{job['id']}/cancel")
+    assert late.status_code == 409, late.text
+    error = late.json()["error"]
+    assert error["code"] == "already_finished" and f"{job['id']} is already completed" in error["message"]
+    assert [(item["field"], item["value"]) for item in error["fields"]] == [("video_id", job["id"])]
+    assert client.get(f"/v1/videos/{job['id']}").json() == done
+
     video = client.get(f"/v1/videos/{job['id']}/content")
     assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
     (tmp_path / "video.mp4").write_bytes(video.content)
@@ -91,13 +99,15 @@ def test_cancel_frees_the_generator_within_a_step(client):
             break
     seconds_per_step = (max(arrivals.values()) - min(arrivals.values())) / 5
     cancelled_at_step = max(arrivals)
-    cancelled = client.delete(f"/v1/videos/{first['id']}")
+    cancelled = client.post(f"/v1/videos/{first['id']}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     cancelled_time = arrivals[cancelled_at_step]
 
     rest = list(stream)
     assert rest[-1][0] == "done" and rest[-1][1]["status"] == "cancelled"
     assert max(update["step"] for _, update, _ in rest) <= cancelled_at_step + 1
+    again = client.post(f"/v1/videos/{first['id']}/cancel")
+    assert again.status_code == 409 and "is already cancelled" in again.json()["error"]["message"]
 
     for _, update, arrived in events(client, second["id"]):
         if update["phase"] == "denoise" and update["step"] >= 1:
@@ -122,6 +132,8 @@ def test_queue_cap_positions_listing_and_unfinished_content(client):
     assert early.status_code == 409 and early.json()["error"]["fields"][0]["value"] == "in_progress"
     assert client.get("/v1/videos/video_000000000000000000000000").status_code == 404
     assert client.get("/v1/videos/not-an-id/content").status_code == 404
+    missing = client.post("/v1/videos/video_000000000000000000000000/cancel")
+    assert missing.status_code == 404 and missing.json()["error"]["fields"][0]["field"] == "video_id"
 
     page = client.get("/v1/videos", params={"limit": 2}).json()
     assert page["object"] == "list" and page["has_more"]

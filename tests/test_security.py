@@ -163,8 +163,8 @@ def test_a_malformed_id_is_a_404_naming_video_id(tiny_app, suffix):
             assert response.status_code == 404 and response.json()["error"]["code"] == "http_404", response.text
 
 
-def test_deleting_a_malformed_id_is_a_404_naming_video_id(tiny_app):
+def test_deleting_or_cancelling_a_malformed_id_is_a_404_naming_video_id(tiny_app):
     with tiny_app.client() as client:
         for video_id in MALFORMED_IDS:
-            response = client.delete(f"/v1/videos/{video_id}")
-            assert response.status_code == 404 and response.json()["error"]["fields"][0]["field"] == "video_id", video_id
+            for response in (client.delete(f"/v1/videos/{video_id}"), client.post(f"/v1/videos/{video_id}/cancel")):
+                assert response.status_code == 404 and response.json()["error"]["fields"][0]["field"] == "video_id", video_id
