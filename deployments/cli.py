@@ -231,11 +231,13 @@ def interrupted(api: VideosClient, job_id: str) -> int:
 
 
 def cancel_job(api: VideosClient, job_id: str) -> dict:
-    """DELETE cancels an unfinished job but deletes a finished one: look first, so cancelling never deletes a video."""
-    job = api.retrieve(job_id)
-    if job["status"] in TERMINAL_STATUSES:
-        raise CliError(f"job {job_id} is already {job['status']}; nothing to cancel", exit_code=1)
-    return api.delete(job_id)
+    """The server decides whether the job still runs, so one that has just finished is left as it is (exit 1)."""
+    try:
+        return api.cancel(job_id)
+    except ServerError as error:
+        if error.code != "already_finished":
+            raise
+        raise CliError(error.message, exit_code=1) from None
 
 
 def cancel_command(args: argparse.Namespace) -> int:

@@ -64,9 +64,9 @@ class VideosClient:
     def list(self, **query: Any) -> dict:
         return self._json("GET", "/v1/videos", params={name: value for name, value in query.items() if value is not None})
 
-    def delete(self, job_id: str) -> dict:
-        """Cancels a queued or running job; note that the same call deletes a finished one."""
-        return self._json("DELETE", f"/v1/videos/{job_id}")
+    def cancel(self, job_id: str) -> dict:
+        """Stops a queued or running job; one that has already ended is a 409 ServerError and stays as it is."""
+        return self._json("POST", f"/v1/videos/{job_id}/cancel")
 
     def download(self, job_id: str, path: Path, variant: str = "video") -> Path:
         """Streams the content into `path` through a temporary sibling, so a broken transfer leaves no partial file."""

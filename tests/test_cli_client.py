@@ -16,6 +16,7 @@ import time
 import pytest
 
 from deployments import cli
+from deployments.client import VideosClient
 from pipeline.video import read_mp4
 
 WAN_T2V = shutil.which("wan-t2v", path=os.path.dirname(sys.executable)) or "wan-t2v"
@@ -106,7 +107,7 @@ def test_unknown_job_exits_2_with_the_servers_message(capsys, tiny_app):
     assert code == 2 and "no video 'video_000000000000000000000000'" in err
 
 
-def test_cancel_stops_a_running_job(capsys, tiny_app):
+def test_cancel_stops_a_running_job_and_never_touches_a_finished_one(capsys, monkeypatch, tiny_app, generated, tmp_path):
     with tiny_app.client() as client:
         job_id = client.post("/v1/videos", json=LONG_JOB).json()["id"]
     wait_for(lambda: job_status(tiny_app, job_id) == "in_progress", what=f"{job_id} in progress")
@@ -115,6 +116,14 @@ def test_cancel_stops_a_running_job(capsys, tiny_app):
     assert job_status(tiny_app, job_id) == "cancelled"
     code, _, err = run_in_process(capsys, tiny_app, "cancel", job_id)
     assert code == 1 and "already cancelled" in err
+
+    # The race, made certain: any look the client takes still sees the job running, yet it has finished.
+    monkeypatch.setattr(VideosClient, "retrieve", lambda _api, video_id: {"id": video_id, "status": "in_progress"})
+    code, _, err = run_in_process(capsys, tiny_app, "cancel", generated["id"])
+    assert code == 1 and f"{generated['id']} is already completed" in err
+    assert job_status(tiny_app, generated["id"]) == "completed"
+    code, _, _ = run_in_process(capsys, tiny_app, "download", generated["id"], "-o", str(tmp_path / "kept.mp4"))
+    assert code == 0 and (tmp_path / "kept.mp4").read_bytes() == generated["path"].read_bytes()
 
 
 @pytest.mark.parametrize(("answer", "after"), [("y\n", "cancelled"), ("\n", "in_progress")])

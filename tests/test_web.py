@@ -181,7 +181,7 @@ def keyed_app(serve_instance, tmp_path_factory):
 
 
 def test_with_api_keys_the_page_asks_for_one_then_streams_plays_and_lists_with_it(browser, keyed_app):
-    """Every request of the page carries the key: the config, the job, its event stream, the video and thumbnails."""
+    """Every request of the page carries the key: the config, the job, its event stream, the video, thumbnails, cancel."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     problems = []
@@ -202,5 +202,13 @@ def test_with_api_keys_the_page_asks_for_one_then_streams_plays_and_lists_with_i
     thumbnail = page.locator("#history img").first
     expect(thumbnail).to_have_attribute("src", re.compile("^blob:"))
     assert thumbnail.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+
+    page.fill("#sample_steps", "100")
+    page.click("#generate")
+    expect(page.locator("#progress-text")).to_contain_text("去噪", timeout=60_000)
+    with page.expect_response(lambda response: response.url.endswith("/cancel")) as cancel:
+        page.click("#cancel")  # the race-free endpoint, never DELETE, and with the key
+    assert (cancel.value.request.method, cancel.value.status) == ("POST", 200)
+    expect(page.locator("#progress-text")).to_have_text("已取消")
     context.close()
     assert not problems

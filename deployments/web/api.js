@@ -100,4 +100,5 @@ const videoPath = (id) => `v1/videos/${encodeURIComponent(id)}`;
 export const videoUrl = (id) => `${videoPath(id)}/content`;
 export const thumbnailUrl = (id) => `${videoUrl(id)}?variant=thumbnail`;
 const eventsUrl = (id) => `${videoPath(id)}/events`;
-export const cancelJob = (id) => api(videoPath(id), { method: "DELETE" });
+// Not DELETE: a job that finished meanwhile would lose its video; cancel leaves it as it is (a 409).
+export const cancelJob = (id) => api(`${videoPath(id)}/cancel`, { method: "POST" });
