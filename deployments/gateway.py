@@ -36,7 +36,7 @@ from deployments.protocol import (
     VideoList,
     create_request_schema,
 )
-from deployments.security import RequestGuard
+from deployments.security import OPEN_PATHS, RequestGuard
 from pipeline.params import SIZES, field_errors
 
 log = logging.getLogger("ray.serve")
@@ -49,7 +49,25 @@ RETRY_AFTER_S = 10  # the Retry-After of every 429: the gateway's full queue and
 PROGRESS_SHARE = {"text_encode": 2, "denoise": 93, "decode": 4, "write": 1}  # % of the bar per phase
 
 
-app = FastAPI(title="wan-t2v-serve", version="0.1.0", description="Wan2.1 T2V-1.3B text-to-video")
+class BearerDescribedAPI(FastAPI):
+    """FastAPI whose document declares the Bearer scheme, so /docs' Authorize button sends the API key.
+
+    A description only: RequestGuard alone checks keys. The paths it leaves open say they need none.
+    """
+
+    def openapi(self) -> dict:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+                "type": "http", "scheme": "bearer", "description": "an API key, where the server sets auth.api_keys_env"}}
+            schema["security"] = [{"bearer": []}]
+            for path in OPEN_PATHS & schema["paths"].keys():
+                for operation in schema["paths"][path].values():
+                    operation["security"] = []
+        return self.openapi_schema
+
+
+app = BearerDescribedAPI(title="wan-t2v-serve", version="0.1.0", description="Wan2.1 T2V-1.3B text-to-video")
 # API keys, body limit, CORS: the replica's policy, found through Serve's replica context at request time.
 app.add_middleware(RequestGuard, policy=lambda: serve.get_replica_context().servable_object.security)
 # The submit routes read their body by hand (JSON or form); the schema still tells clients and fuzzers its shape.

@@ -56,6 +56,16 @@ def test_every_v1_route_needs_a_key_and_the_page_and_probes_do_not(secured):
             assert client.get(path).status_code == 200, path
 
 
+def test_the_api_description_declares_the_bearer_key_for_docs_authorize_button(secured):
+    with secured.client() as client:
+        document = client.get("/openapi.json").json()
+    scheme = document["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert document["security"] == [{"bearer": []}]  # every operation, unless it says otherwise
+    unsecured = {path for path, item in document["paths"].items() for operation in item.values() if operation.get("security") == []}
+    assert unsecured == {"/healthz", "/readyz"}  # the probes RequestGuard leaves open; every /v1 route keeps the key
+
+
 def test_any_configured_key_opens_the_api_and_none_leaks(secured):
     for key in KEYS:
         with httpx.Client(base_url=secured.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
