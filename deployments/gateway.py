@@ -346,8 +346,7 @@ class Gateway:
         for name, limit in (("frame_num", self.limits["max_frame_num"]), ("sample_steps", self.limits["max_sample_steps"])):
             value = getattr(params, name)
             if value > limit:
-                message = f"{name}: {value} is above this server's limit; allowed: at most {limit}"
-                raise ApiError(422, "invalid_parameters", message, [{"field": name, "value": value, "message": message}])
+                raise field_error(422, "invalid_parameters", name, f"{value} is above this server's limit; allowed: at most {limit}", value)
 
     def _pick_encoder(self, t5_cpu: bool | None) -> str:
         """The request's t5_cpu picks the encoder; if that one isn't deployed, the deployed one serves."""
