@@ -20,6 +20,7 @@ from deployments.generator import VideoGenerator
 from deployments.precedence import ParamOverrides
 from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
+from pipeline.attention import AttentionKernel
 from pipeline.generator import STEP_CACHE_NOT_COMPILABLE
 from pipeline.loading import resolve_model_source
 from pipeline.memory import MemoryPolicy
@@ -75,7 +76,7 @@ class GeneratorOptions(Strict):
     vae_dtype: Literal["float32", "bfloat16"] = "float32"
     # auto: FlashAttention-3 on a Hopper GPU where installed (the `gpu` extra), else PyTorch SDPA;
     # flash3: FA3 or a start-up error. Exact attention either way (H100: -12 % per compiled step).
-    attention: Literal["auto", "sdpa", "flash3"] = "auto"
+    attention: AttentionKernel = "auto"
     # Regional torch.compile of the DiT blocks, warmed at replica start for the default size and
     # frame count: -16 % per step on an H100 (bench/results), about 20 s more start-up.
     compile: bool = False

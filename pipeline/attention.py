@@ -13,13 +13,13 @@ names it `fa3_fwd_interface`. We hand that build's function to diffusers' backen
 from __future__ import annotations
 
 import importlib.util
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:  # torch is imported where used: the CLI lists the kernels before importing it
     import torch
 
 AttentionKernel = Literal["auto", "sdpa", "flash3"]
-ATTENTION_KERNELS: tuple[str, ...] = ("auto", "sdpa", "flash3")
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 
 
 def flash3_function():
