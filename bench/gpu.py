@@ -13,7 +13,8 @@ Sections (each recorded even if another fails):
   compiled  our path with regional torch.compile of the DiT blocks (warm-up timed separately)
   flash3    our path with FlashAttention-3 instead of SDPA (eager)
   fast      FlashAttention-3 + compiled blocks + bf16 VAE: what a production config runs
-  vae       bf16 against fp32 decode of the same latents: time, peak memory, pixel error
+  vae       bf16 (plain and as VideoModel runs it with compile on) against fp32 decode of the same
+            latents: time, peak memory, pixel error
   policies  offload and stream memory policies, `--policy-steps` steps + decode, peak GPU memory
   cfg_parallel, step_cache  (need the resident section first; cfg_parallel needs two GPUs)
 
@@ -47,6 +48,7 @@ from pipeline.memory import MemoryPolicy  # noqa: E402
 from pipeline.params import GenerationParams  # noqa: E402
 from pipeline.sampler import flow_sigmas  # noqa: E402
 from pipeline.text import pad_context  # noqa: E402
+from pipeline.vae import compile_norms, speed_up_decode  # noqa: E402
 from pipeline.video import write_mp4  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
@@ -159,7 +161,7 @@ class Bench:
         attention, compiled, vae_dtype = VARIANTS[variant]
         model = VideoModel(dit if dit is not None else build_dit(), vae if vae is not None else build_vae(vae_dtype), DEVICE,
                            policy, torch.device("cuda:1") if two_gpus else None, attention=attention)
-        self.warmup_s = model.compile_blocks(self.params) if compiled else 0.0
+        self.warmup_s = model.compile(self.params) if compiled else 0.0
         return model
 
     def run_ours(self, model: VideoModel, params: GenerationParams) -> dict:
@@ -333,10 +335,15 @@ class Bench:
         from pipeline.video import decode_latents
 
         out, frames = {}, {}
-        for name, dtype, tiled in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False), ("fp32_tiled", torch.float32, True), ("bf16_tiled", torch.bfloat16, True)):
+        variants = (("fp32", torch.float32, False, False), ("bf16", torch.bfloat16, False, False), ("bf16_fast", torch.bfloat16, False, True),
+                    ("fp32_tiled", torch.float32, True, False), ("bf16_tiled", torch.bfloat16, True, False))
+        for name, dtype, tiled, fast in variants:
             vae = build_vae(dtype)
             if tiled:
                 vae.enable_tiling()
+            if fast:  # what VideoModel runs on a GPU with compile on (pipeline/vae.py)
+                speed_up_decode(vae, channels_last=True)
+                compile_norms(vae)
             reset_memory()
             with torch.inference_mode():
                 decode_latents(vae, self.reference_latents)  # warm
@@ -346,7 +353,7 @@ class Bench:
             del vae
             reset_memory()
         reference = torch.from_numpy(frames["fp32"]).float()
-        for name in ("bf16", "fp32_tiled", "bf16_tiled"):
+        for name in ("bf16", "bf16_fast", "fp32_tiled", "bf16_tiled"):
             diff = (torch.from_numpy(frames[name]).float() - reference).abs()
             mse = float((diff**2).mean())
             out[name]["mean_abs_pixel_error"] = round(float(diff.mean()), 3)
@@ -358,7 +365,7 @@ class Bench:
         """Two GPUs, one process: conditional branch on cuda:0, unconditional on cuda:1 (exact, then fast)."""
         if torch.cuda.device_count() < 2:
             raise RuntimeError("needs two GPUs")
-        return {"exact": self.variant_run("exact", two_gpus=True), "fast": self.variant_run("fast", two_gpus=True)}
+        return {variant: self.variant_run(variant, two_gpus=True) for variant in self.args.cfg_variants.split(",")}
 
     def step_cache(self) -> dict:
         """Opt-in caching on one GPU (and with CFG-parallel where two GPUs exist), FA3 + bf16 VAE."""
@@ -435,7 +442,7 @@ def markdown(results: dict) -> str:
     if "fp32" in vae:
         lines += table(["VAE decode", "s", "peak GiB", "PSNR vs fp32 dB", "mean abs px error"],
                        [[name, run["decode_s"], run["peak_gib"], run.get("psnr_db_vs_fp32", "∞"), run.get("mean_abs_pixel_error", 0)]
-                        for name, run in ((name, vae[name]) for name in ("fp32", "bf16", "fp32_tiled", "bf16_tiled"))])
+                        for name, run in ((name, vae[name]) for name in ("fp32", "bf16", "bf16_fast", "fp32_tiled", "bf16_tiled") if name in vae)])
     text = results.get("text", {})
     if "gpu_40_tokens_s" in text:
         lines += table(["umT5-XXL, 40 tokens", "s"], [[key, value] for key, value in text.items() if key.endswith("_s")])
@@ -449,6 +456,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--policy-steps", type=int, default=10)
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--cfg-variants", default="exact,fast", help="the VARIANTS cfg_parallel runs")
     parser.add_argument("--tag", default="", help="suffix for the result files, e.g. 'policies50'")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ class VideoGenerator:
             self.model.enable_step_cache(step_cache["kind"], **step_cache["options"])
         if compile_for is not None:
             warm = GenerationParams(prompt="warm-up", **{k: v for k, v in compile_for.items() if k in ("size", "frame_num")})
-            log.info("compiled DiT blocks, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, self.model.compile_blocks(warm))
+            log.info("compiled DiT blocks and VAE norms, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, self.model.compile(warm))
         self.default_policy = MemoryPolicy(policy)
         self.honor_request_offload = honor_request_offload
         # One generation at a time per replica, also while a cancelled one finishes its current step.

@@ -22,7 +22,7 @@ def embeddings(demo_source):
 def generate(demo_source, embeddings, vae_dtype=torch.float32, compiled=False) -> np.ndarray:
     model = VideoModel.load(demo_source, torch.device("cpu"), vae_dtype=vae_dtype)
     if compiled:
-        model.compile_blocks()
+        model.compile()
     return model.generate(PARAMS, *embeddings).frames.astype(np.float64)
 
 
@@ -65,7 +65,7 @@ def test_step_cache_is_opt_in_and_stays_near_the_exact_output(demo_source, embed
     with pytest.raises(ValueError, match="unknown step cache"):
         model.enable_step_cache("magic")
     with pytest.raises(ValueError, match="do not combine"):
-        model.compile_blocks()
+        model.compile()
 
 
 def test_attention_kernel_auto_uses_sdpa_off_hopper_and_flash3_is_never_silent():
@@ -120,3 +120,23 @@ def test_a_failure_after_the_decode_leaves_no_partial_mp4(demo_source, embedding
     with pytest.raises(RuntimeError, match="went away"):
         model.generate(PARAMS, *embeddings, on_progress=fail_at_write, video_path=tmp_path / "out.mp4")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_vae_padding_inside_the_convolution_gives_the_same_pixels(demo_source):
+    """The faster causal convolution is exact, whole and tiled; channels-last only moves rounding."""
+    from pipeline.loading import load_vae
+    from pipeline.vae import CausalConv3dPaddedInKernel, speed_up_decode
+
+    reference, fast = load_vae(demo_source, torch.float32), load_vae(demo_source, torch.float32)
+    speed_up_decode(fast, channels_last=False)
+    assert {type(m) for m in fast.modules()} >= {CausalConv3dPaddedInKernel}
+    latents = torch.randn(1, 16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    expected = reference.decode(latents).sample
+    assert torch.equal(fast.decode(latents).sample, expected)
+    for vae in (reference, fast):
+        vae.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=48, tile_sample_stride_width=48)
+    assert torch.equal(fast.decode(latents).sample, reference.decode(latents).sample)
+    fast.disable_tiling()
+    speed_up_decode(fast, channels_last=True)
+    assert (fast.decode(latents).sample - expected).abs().max() < 1e-4
+
