@@ -67,6 +67,8 @@ class VideoModel:
                 raise ValueError("CFG-parallel keeps both DiT copies resident; use memory policy 'resident'")
             self.uncond_transformer = copy.deepcopy(transformer).to(uncond_device)
         self.step_cache: str | None = None
+        self.compiled = False
+        self._compiled_shapes: set[tuple[int, int, int]] = set()  # (frames, height, width) seen since compile()
 
     def enable_step_cache(self, kind: str, **options) -> None:
         """Opt-in step caching through diffusers' cache hooks; approximate, so off unless asked for."""
@@ -114,6 +116,7 @@ class VideoModel:
         for model in filter(None, (self.models.transformer, self.uncond_transformer)):
             model.compile_repeated_blocks(fullgraph=True)
         compile_norms(self.models.vae)
+        self.compiled = True
         if warm_params is None:
             return 0.0
         started = time.perf_counter()
@@ -168,8 +171,16 @@ class VideoModel:
         if self.step_cache is not None:
             for model in filter(None, (self.models.transformer, self.uncond_transformer)):
                 model._reset_stateful_cache()  # each video starts with an empty cache
+        # The first generation at a shape compiles, and Dynamo cannot compile on two threads at once
+        # (CFG-parallel fails with "using FX to symbolically trace a dynamo-optimized function"):
+        # that one generation runs its two branches one after the other.
+        shape = (params.frame_num, params.height, params.width)
+        compiles = self.compiled and shape not in self._compiled_shapes
         with self.models.denoising():
-            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel, self.uncond_transformer)
+            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel,
+                              self.uncond_transformer, branches_in_parallel=not compiles)
+        if self.uncond_transformer is None or request.guide_scale > 1.0:  # else the copy did not compile
+            self._compiled_shapes.add(shape)
         timings["denoise"] = time.perf_counter() - started
 
         if on_progress is not None:

@@ -82,11 +82,13 @@ def denoise(
     on_progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
     uncond_transformer=None,
+    branches_in_parallel: bool = True,
 ) -> torch.Tensor:
     """Run the sampler and return the final float32 latents [1, 16, T, H/8, W/8].
 
     `uncond_transformer`: a copy of the DiT on a second GPU; the unconditional pass then runs there,
-    from its own thread, at the same time as the conditional one (CFG-parallel, same output).
+    from its own thread, at the same time as the conditional one (CFG-parallel, same output), unless
+    `branches_in_parallel` is off: then one thread runs both, one after the other.
     """
     dtype = transformer.dtype
     scheduler = make_scheduler(request.steps, request.shift, device)
@@ -97,7 +99,8 @@ def denoise(
         uncond_model = uncond_transformer if uncond_transformer is not None else transformer
         uncond_device = next(uncond_model.parameters()).device if uncond_transformer is not None else device
         predict_uncond = _dit_pass(uncond_model, "uncond", request.negative_context.to(uncond_device, dtype))
-    side_thread = ThreadPoolExecutor(max_workers=1) if uncond_transformer is not None and use_guidance else None
+    in_parallel = uncond_transformer is not None and use_guidance and branches_in_parallel
+    side_thread = ThreadPoolExecutor(max_workers=1) if in_parallel else None
 
     shape = latent_shape(request.frame_num, request.height, request.width, transformer.config.in_channels)
     latents = initial_noise(shape, request.seed, device)
@@ -109,13 +112,15 @@ def denoise(
             timestep = t.expand(latents.shape[0])
             # The official DiT returns float32, so guidance is computed in float32.
             if side_thread is not None:
-                uncond_future = side_thread.submit(predict_uncond, model_input, timestep)
+                # Copied from this thread (a copy runs on the source GPU's stream): queued from the side
+                # thread, it could land behind the conditional pass's first kernels.
+                uncond_future = side_thread.submit(predict_uncond, model_input.to(uncond_device), timestep.to(uncond_device))
             noise_pred = predict_cond(model_input, timestep).float()
             if use_guidance:
                 if side_thread is not None:
                     noise_uncond = uncond_future.result().to(device).float()
                 else:
-                    noise_uncond = predict_uncond(model_input, timestep).float()
+                    noise_uncond = predict_uncond(model_input, timestep).to(device).float()
                 noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_progress is not None:

@@ -140,3 +140,15 @@ def test_vae_padding_inside_the_convolution_gives_the_same_pixels(demo_source):
     speed_up_decode(fast, channels_last=True)
     assert (fast.decode(latents).sample - expected).abs().max() < 1e-4
 
+
+def test_compiled_cfg_parallel_compiles_one_branch_at_a_time(demo_source, embeddings):
+    """Dynamo cannot compile on two threads at once: the first generation at a shape runs the branches in turn."""
+    model = VideoModel.load(demo_source, torch.device("cpu"), uncond_device=torch.device("cpu"))
+    model.compile()
+    shape = (PARAMS.frame_num, PARAMS.height, PARAMS.width)
+    assert shape not in model._compiled_shapes
+    first = model.generate(PARAMS, *embeddings).frames.astype(np.float64)
+    assert shape in model._compiled_shapes  # later generations at this shape run the branches in parallel
+    second = model.generate(PARAMS, *embeddings).frames.astype(np.float64)
+    assert np.abs(second - first).mean() < 0.5
+    assert np.abs(first - generate(demo_source, embeddings, compiled=True)).mean() < 0.5
