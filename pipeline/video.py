@@ -41,9 +41,15 @@ def decode_latents(vae, latents: torch.Tensor, on_frames: FrameSink | None = Non
             on_frames(frames)
         return frames
     chunks = []
+    copying = None  # the previous latent frame's pixels, on their way to the host
     for pixels in decode_by_latent_frame(vae, latents):
-        chunks.append(to_uint8_frames(pixels))
-        on_frames(chunks[-1])
+        # This frame's decode is queued before we wait for the previous one's copy: the GPU never idles.
+        previous, copying = copying, start_host_copy(pixels)
+        if previous is not None:
+            chunks.append(previous())
+            on_frames(chunks[-1])
+    chunks.append(copying())
+    on_frames(chunks[-1])
     return np.concatenate(chunks)
 
 
@@ -66,8 +72,28 @@ def decode_by_latent_frame(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """[1, 3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3] on the CPU."""
-    video = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return video.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return start_host_copy(video)()
+
+
+def start_host_copy(video: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Convert [1, 3, F, H, W] in [-1, 1] to uint8 [F, H, W, 3] and start moving it to the host.
+
+    Returns the call that waits for the frames. From a GPU the copy goes to pinned memory without
+    blocking, so the caller can queue more GPU work before it waits.
+    """
+    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous()
+    if frames.device.type != "cuda":
+        return frames.numpy
+    host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+    host.copy_(frames, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> np.ndarray:
+        copied.synchronize()
+        return host.numpy()
+
+    return wait
 
 
 class Mp4Writer:
