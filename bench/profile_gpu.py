@@ -1,0 +1,319 @@
+"""Where one DiT forward and one VAE decode spend their GPU time, and what candidate settings change.
+
+Full-size random weights, as in bench/gpu.py. For each DiT variant: seconds per forward at the
+832x480x81 shape (mean of 5 after warm-up), the warm-up (compile) seconds, GPU kernel time by
+family (torch.profiler), the top kernels, and the output's relative difference from the first
+variant's. For each VAE variant: the bf16 decode by latent frame as the pipeline runs it, the same
+breakdown, and the largest pixel difference from eager.
+
+Writes `<out>/profile-<device>-<date>[-tag].json` and `.md` after every variant, so a run cut short
+keeps what it measured.
+
+Usage (on the GPU machine): python bench/profile_gpu.py [--out DIR] [--tag T] [kernels | dit | vae | dit:VARIANT ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import DEVICE, build_dit, build_vae, relative_error, reset_memory, synced  # noqa: E402
+
+from pipeline.attention import set_attention_kernel  # noqa: E402
+from pipeline.vae import compile_norms, speed_up_decode  # noqa: E402
+from pipeline.video import decode_latents  # noqa: E402
+
+# Kernel families by name fragment, first match wins (Inductor's names carry the ops they fused, so
+# they go first; cuDNN convolutions are implicit GEMMs, so conv goes before gemm).
+FAMILIES = (
+    ("gemm", ("triton_tem",)),
+    ("fused_triton", ("triton_",)),
+    ("layout", ("nchwtonhwc", "nhwctonchw")),
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("conv", ("fprop", "conv", "implicit_convolve", "winograd")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "cublas", "matmul")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+
+
+def family(kernel: str) -> str:
+    name = kernel.lower()
+    return next((label for label, parts in FAMILIES if any(part in name for part in parts)), "other_eager")
+
+
+def kernel_profile(fn, repeats: int = 2) -> dict:
+    """GPU time per call by kernel family, plus the ten costliest kernels (ms per call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    by_family, by_kernel = defaultdict(float), defaultdict(float)
+    for event in prof.key_averages():
+        micros = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if micros <= 0:
+            continue
+        by_family[family(event.key)] += micros / 1000 / repeats
+        by_kernel[event.key[:90]] += micros / 1000 / repeats
+    top = sorted(by_kernel.items(), key=lambda item: -item[1])[:10]
+    return {
+        "gpu_ms_total": round(sum(by_family.values()), 1),
+        "gpu_ms_by_family": {k: round(v, 1) for k, v in sorted(by_family.items(), key=lambda item: -item[1])},
+        "top_kernels_ms": [[name, round(ms, 2)] for name, ms in top],
+    }
+
+
+# DiT variant -> (fused QKV projections, torch.compile mode or None for eager, inductor options)
+DIT_VARIANTS = {
+    "fa3_compiled": (False, "default", {}),
+    "fa3_compiled_fused_qkv": (True, "default", {}),
+    "fa3_autotune_fused_qkv": (True, "max-autotune-no-cudagraphs", {}),
+    "fa3_autotune_cd_fused_qkv": (True, "max-autotune-no-cudagraphs", {"coordinate_descent_tuning": True}),
+}
+# DiT variant with coordinate-descent tuning of the fused elementwise kernels
+DIT_VARIANTS["fa3_compiled_cd"] = (False, "default", {"coordinate_descent_tuning": True})
+def channels_last_weights(vae) -> None:
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
+
+
+# VAE variant -> what is done to diffusers' bf16 VAE before decoding (pipeline/vae.py)
+VAE_VARIANTS = {
+    "eager": (),
+    "compiled_norms": (compile_norms,),
+    "channels_last": (channels_last_weights,),
+    "channels_last_implicit_pad": (partial(speed_up_decode, channels_last=True),),
+    "channels_last_implicit_pad_compiled_norms": (partial(speed_up_decode, channels_last=True), compile_norms),
+}
+
+
+class Profiler:
+    def __init__(self, out: Path, tag: str):
+        self.out = out
+        self.tag = tag
+        self.results: dict = {
+            "device": torch.cuda.get_device_name(0),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "shape": "832x480x81 (32,760 DiT tokens), batch 1, bf16 DiT, FlashAttention-3",
+            "dit": {},
+            "vae": {},
+            "kernels": {},
+        }
+        generator = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(1, 16, 21, 60, 104, generator=generator).to(DEVICE)
+        self.context = (torch.randn(1, 512, 4096, generator=generator) * 0.1).to(DEVICE, torch.bfloat16)
+        self.timestep = torch.tensor([500.0], device=DEVICE)
+        self.dit_reference: torch.Tensor | None = None
+        self.vae_reference = None
+
+    def save(self) -> None:
+        slug = re.sub(r"[^a-z0-9]+", "-", self.results["device"].lower()).strip("-")
+        stem = self.out / f"profile-{slug}-{self.results['date']}{self.tag and '-' + self.tag}"
+        stem.with_suffix(".json").write_text(json.dumps(self.results, indent=1))
+        stem.with_suffix(".md").write_text(markdown(self.results))
+
+    def dit(self, name: str) -> dict:
+        fused, mode, inductor = DIT_VARIANTS[name]
+        torch._dynamo.reset()
+        saved = {key: getattr(torch._inductor.config, key) for key in inductor}
+        for key, value in inductor.items():
+            setattr(torch._inductor.config, key, value)
+        model = build_dit()
+        set_attention_kernel(model, "flash3")
+        if fused:
+            model.fuse_qkv_projections()
+        if mode is not None:
+            model.compile_repeated_blocks(fullgraph=True, mode=mode)
+        hidden = self.latents.to(torch.bfloat16)
+
+        @torch.inference_mode()
+        def forward():
+            return model(hidden_states=hidden, timestep=self.timestep, encoder_hidden_states=self.context, return_dict=False)[0]
+
+        output, warmup_s = synced(forward)
+        forward()
+        seconds = [synced(forward)[1] for _ in range(5)]
+        run = {"fused_qkv": fused, "compile_mode": mode, "inductor": inductor, "warmup_s": round(warmup_s, 1),
+               "forward_s": round(sum(seconds) / len(seconds), 4), "forward_s_min": round(min(seconds), 4)}
+        if self.dit_reference is None:
+            self.dit_reference = output.float()
+        else:
+            run["output_rel_diff_vs_first"] = relative_error(output.float(), self.dit_reference)
+        run.update(kernel_profile(forward))
+        for key, value in saved.items():
+            setattr(torch._inductor.config, key, value)
+        del model
+        return run
+
+    def vae(self, name: str) -> dict:
+        torch._dynamo.reset()
+        vae = build_vae(torch.bfloat16)
+        for change in VAE_VARIANTS[name]:
+            change(vae)
+        def decode():
+            return decode_latents(vae, self.latents, lambda _: None)
+
+        frames, warmup_s = synced(decode)
+        seconds = [synced(decode)[1] for _ in range(2)]
+        run = {"warmup_s": round(warmup_s, 1), "decode_s": round(min(seconds), 3), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if self.vae_reference is None:
+            self.vae_reference = frames
+        else:
+            run["max_px_diff_vs_eager"] = int(np.abs(frames.astype(int) - self.vae_reference).max())
+            run["mean_px_diff_vs_eager"] = round(float(np.abs(frames.astype(int) - self.vae_reference).mean()), 4)
+        run.update(kernel_profile(decode, repeats=1))
+        del vae
+        return run
+
+    def kernels(self, name: str) -> dict:
+        return kernels()
+
+    def run(self, section: str, name: str) -> None:
+        print(f"== {section}:{name}", flush=True)
+        reset_memory()
+        started = time.perf_counter()
+        try:
+            result = getattr(self, section)(name)
+        except Exception as error:  # noqa: BLE001 - record and go on with the other variants
+            import traceback
+
+            traceback.print_exc()
+            result = {"error": repr(error)[:500]}
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        self.results[section][name] = result
+        print(json.dumps(result), flush=True)
+        self.save()
+
+
+def time_ms(fn, repeats: int = 20) -> float:
+    fn()
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / repeats, 3)
+
+
+@torch.inference_mode()
+def kernels() -> dict:
+    """Single operations at the DiT's shapes: attention kernels, FFN GELU epilogue, RMS norm + RoPE."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pipeline.attention import flash3_function
+
+    out = {}
+    tokens, text, heads, dim = 32760, 512, 12, 128
+    bf16 = {"device": DEVICE, "dtype": torch.bfloat16}
+    q = torch.randn(1, tokens, heads, dim, **bf16)
+    kv_text = torch.randn(1, text, heads, dim, **bf16)
+    fa3 = flash3_function()
+    out["fa3_self_ms"] = time_ms(lambda: fa3(q, q, q))
+    out["fa3_cross_ms"] = time_ms(lambda: fa3(q, kv_text, kv_text))
+    qt, kt = q.transpose(1, 2), kv_text.transpose(1, 2)
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash2", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                out[f"sdpa_{name}_cross_ms"] = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, kt))
+        except RuntimeError as error:
+            out[f"sdpa_{name}_cross_ms"] = repr(error)[:120]
+
+    x = torch.randn(tokens, 1536, **bf16)
+    weight, bias = torch.randn(8960, 1536, **bf16) * 0.02, torch.randn(8960, **bf16) * 0.02
+    reference = F.gelu(F.linear(x, weight, bias).float(), approximate="tanh")
+    out["ffn_up_linear_then_gelu_ms"] = time_ms(lambda: F.gelu(F.linear(x, weight, bias), approximate="tanh"))
+    out["ffn_up_linear_only_ms"] = time_ms(lambda: F.linear(x, weight, bias))
+    fused = lambda: torch._addmm_activation(bias, x, weight.t(), use_gelu=True)  # noqa: E731 - cuBLASLt GELU epilogue
+    out["ffn_up_gelu_epilogue_ms"] = time_ms(fused)
+    out["ffn_up_gelu_epilogue_rel_diff"] = relative_error(fused().float(), reference)
+    out["ffn_up_linear_then_gelu_rel_diff"] = relative_error(F.gelu(F.linear(x, weight, bias), approximate="tanh").float(), reference)
+
+    norm = torch.nn.RMSNorm(1536, eps=1e-6, **bf16)
+    cos, sin = torch.randn(1, tokens, 1, dim, device=DEVICE), torch.randn(1, tokens, 1, dim, device=DEVICE)
+
+    def rope_diffusers(h):
+        x1, x2 = h.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[..., 0::2], sin[..., 1::2]
+        rotated = torch.empty_like(h)
+        rotated[..., 0::2] = x1 * c - x2 * s
+        rotated[..., 1::2] = x1 * s + x2 * c
+        return rotated.type_as(h)
+
+    def rope_stacked(h):
+        x1, x2 = h.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[..., 0::2], sin[..., 1::2]
+        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(h)
+
+    qk = torch.randn(1, tokens, 1536, **bf16)
+    for name, rope in (("diffusers", rope_diffusers), ("stacked", rope_stacked)):
+        torch._dynamo.reset()
+        step = torch.compile(lambda h, rope=rope: rope(norm(h).unflatten(2, (heads, -1))), fullgraph=True)
+        out[f"norm_rope_{name}_compiled_ms"] = time_ms(lambda: step(qk))
+        out[f"norm_rope_{name}_output"] = step(qk)
+    out["norm_rope_stacked_rel_diff"] = relative_error(out.pop("norm_rope_stacked_output").float(), out.pop("norm_rope_diffusers_output").float())
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [f"# GPU profile — {results['device']}, {results['date']}", "", f"torch {results['torch']}; {results['shape']}.", ""]
+    if "note" in results:
+        lines += [results["note"], ""]
+    families = ("attention", "gemm", "conv", "fused_triton", "other_eager", "copy", "layout")
+    for section, unit in (("dit", "forward_s"), ("vae", "decode_s")):
+        runs = {k: v for k, v in results[section].items() if unit in v}
+        if not runs:
+            continue
+        lines += [f"| {section} variant | {unit} | warm-up s | GPU ms | " + " | ".join(families) + " | difference |",
+                  "| --- " * (5 + len(families)) + "|"]
+        for name, run in runs.items():
+            split = run["gpu_ms_by_family"]
+            diff = run.get("output_rel_diff_vs_first", run.get("max_px_diff_vs_eager", "—"))
+            lines.append(f"| {name} | {run[unit]} | {run['warmup_s']} | {run['gpu_ms_total']} | "
+                         + " | ".join(str(split.get(f, 0)) for f in families) + f" | {diff} |")
+        lines.append("")
+    shapes = results.get("kernels", {}).get("shapes", {})
+    if shapes:
+        lines += ["| single operation at the DiT's shapes | ms or relative difference |", "| --- | --- |"]
+        lines += [f"| {key} | {value} |" for key, value in shapes.items() if key != "wall_s"] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", default=["kernels", "dit", "vae"], help="kernels, dit, vae, or section:variant")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--tag", default="", help="suffix for the result files")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    profiler = Profiler(out, args.tag)
+    for target in args.targets:
+        section, _, name = target.partition(":")
+        names = [name] if name else list({"dit": DIT_VARIANTS, "vae": VAE_VARIANTS, "kernels": ["shapes"]}[section])
+        for variant in names:
+            profiler.run(section, variant)
+    print(markdown(profiler.results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
