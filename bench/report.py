@@ -24,21 +24,25 @@ def end_to_end(run: dict) -> float:
 
 
 def main() -> None:
-    main_run, two_gpus, policies = load(f"{BASE}-fast"), load(f"{BASE}-fast-2gpu"), load(f"{BASE}-policies50")["policies"]
-    cfg, cache = two_gpus["cfg_parallel"], two_gpus["step_cache"]
+    main_run, first_run = load(f"{BASE}-fast-v2"), load(f"{BASE}-fast")
+    two_gpus, caches = load(f"{BASE}-fast-v2-cfg"), load(f"{BASE}-fast-2gpu")
+    policies = load(f"{BASE}-policies50")["policies"]
+    cfg, cache = two_gpus["cfg_parallel"], caches["step_cache"]
     rows = [
-        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, f"{BASE}-fast"),
-        ("ours, exact (SDPA, fp32 VAE)", main_run["resident"], main_run["diffusers"], f"{BASE}-fast"),
-        ("ours, compiled DiT blocks", main_run["compiled"], main_run["diffusers"], f"{BASE}-fast"),
-        ("ours, FlashAttention-3", main_run["flash3"], main_run["diffusers"], f"{BASE}-fast"),
-        ("ours, fast: FA3 + compiled + bf16 VAE", main_run["fast"], main_run["diffusers"], f"{BASE}-fast"),
+        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, f"{BASE}-fast-v2"),
+        ("ours, exact (SDPA, fp32 VAE)", main_run["resident"], main_run["diffusers"], f"{BASE}-fast-v2"),
+        ("ours, fast: FA3 + compiled + bf16 VAE", main_run["fast"], main_run["diffusers"], f"{BASE}-fast-v2"),
+        ("diffusers WanPipeline (baseline, earlier run)", first_run["diffusers"], None, f"{BASE}-fast"),
+        ("ours, compiled DiT blocks (SDPA, fp32 VAE)", first_run["compiled"], first_run["diffusers"], f"{BASE}-fast"),
+        ("ours, FlashAttention-3 (eager, fp32 VAE)", first_run["flash3"], first_run["diffusers"], f"{BASE}-fast"),
         ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50"),
         ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50"),
-        ("ours, exact, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-2gpu"),
-        ("ours, CFG-parallel, 2 GPUs, exact", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
-        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
-        ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
-        ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], two_gpus["resident"], f"{BASE}-fast-2gpu"),
+        ("ours, exact, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-v2-cfg"),
+        ("ours, CFG-parallel, 2 GPUs, exact", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-v2-cfg"),
+        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-v2-cfg"),
+        ("ours, exact, one GPU (2-GPU host, earlier run)", caches["resident"], None, f"{BASE}-fast-2gpu"),
+        ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], caches["resident"], f"{BASE}-fast-2gpu"),
+        ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], caches["resident"], f"{BASE}-fast-2gpu"),
     ]
     print(f"{main_run['device']}, {main_run['date']}; 832x480, 81 frames, 50 steps, guidance 6; random weights of the real shapes.\n")
     print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs exact | result file |")
@@ -55,7 +59,9 @@ def main() -> None:
         f"\numT5-XXL, 40-token prompt: {text['cpu_bfloat16_16threads_s']} s on 16 CPU cores in bf16 "
         f"(fp32 {text['cpu_float32_16threads_s']} s), {text['gpu_40_tokens_s']} s on the GPU, {text['cache_hit_s'] * 1000:.2f} ms "
         f"when cached. VAE decode: fp32 {vae['fp32']['decode_s']} s / {vae['fp32']['peak_gib']} GiB, bf16 "
-        f"{vae['bf16']['decode_s']} s / {vae['bf16']['peak_gib']} GiB at {vae['bf16']['psnr_db_vs_fp32']} dB PSNR against fp32. "
+        f"{vae['bf16']['decode_s']} s / {vae['bf16']['peak_gib']} GiB at {vae['bf16']['psnr_db_vs_fp32']} dB PSNR against fp32, "
+        f"bf16 as the fast path decodes (pipeline/vae.py) {vae['bf16_fast']['decode_s']} s / {vae['bf16_fast']['peak_gib']} GiB "
+        f"at {vae['bf16_fast']['psnr_db_vs_fp32']} dB. "
         f"Stream policy: peak {policies['stream']['peak_gib']} GiB, {policies['stream']['slowdown_vs_resident'] * 100:.1f} % "
         f"slower than resident over 50 steps; offload: {policies['offload']['peak_gib']} GiB, "
         f"{policies['offload']['slowdown_vs_resident'] * 100:.1f} % slower."
