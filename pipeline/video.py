@@ -43,7 +43,8 @@ def decode_latents(vae, latents: torch.Tensor, on_frames: FrameSink | None = Non
     chunks = []
     copying = None  # the previous latent frame's pixels, on their way to the host
     for pixels in decode_by_latent_frame(vae, latents):
-        # This frame's decode is queued before we wait for the previous one's copy: the GPU never idles.
+        # This frame's decode is queued before we wait for the previous one's copy, so the GPU has work
+        # while the CPU waits and hands frames to the writer.
         previous, copying = copying, start_host_copy(pixels)
         if previous is not None:
             chunks.append(previous())
@@ -87,7 +88,7 @@ def start_host_copy(video: torch.Tensor) -> Callable[[], np.ndarray]:
     host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
     host.copy_(frames, non_blocking=True)
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(frames.device))
 
     def wait() -> np.ndarray:
         copied.synchronize()
