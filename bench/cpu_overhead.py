@@ -69,7 +69,7 @@ class Direct:
 
     def __init__(self, source: ModelSource, folder: Path):
         cpu = torch.device("cpu")
-        tokenizer, encoder = load_text_encoder(source, cpu, default_text_dtype(source, cpu))
+        tokenizer, encoder = load_text_encoder(source, cpu, default_text_dtype(source))
         self.prompts = PromptEncoder(tokenizer, encoder, cpu)
         self.model = VideoModel.load(source, cpu)
         self.folder = folder

@@ -35,7 +35,7 @@ class TextEncoder:
                 log.warning("TextEncoderGPU found no CUDA device; encoding on the CPU")
         if options["torch_threads"]:
             torch.set_num_threads(options["torch_threads"])
-        dtype = default_text_dtype(source, self.device) if options["dtype"] == "auto" else parse_dtype(options["dtype"])
+        dtype = default_text_dtype(source) if options["dtype"] == "auto" else parse_dtype(options["dtype"])
         started = time.perf_counter()
         tokenizer, model = load_text_encoder(source, self.device, dtype)
         self.encoder = PromptEncoder(tokenizer, model, self.device, cache_size=options["cache_size"])

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     text_device = torch.device("cpu") if params.t5_cpu else device
-    tokenizer, encoder = load_text_encoder(source, text_device, default_text_dtype(source, text_device))
+    tokenizer, encoder = load_text_encoder(source, text_device, default_text_dtype(source))
     prompts = PromptEncoder(tokenizer, encoder, text_device)
     context, negative_context = prompts.encode([params.prompt, params.effective_negative_prompt])
     del tokenizer, encoder, prompts  # freed before the DiT loads: peak memory holds one stage, not both
