@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import build_vae, synced  # noqa: E402
 
+from pipeline.vae import channels_last_weights  # noqa: E402
 from pipeline.video import decode_latents  # noqa: E402
 
 
@@ -36,9 +37,7 @@ def decode_variants(latents: torch.Tensor) -> tuple[dict, np.ndarray]:
         torch.backends.cudnn.benchmark = autotune
         vae = build_vae(torch.bfloat16)
         if channels_last:
-            for module in vae.modules():
-                if isinstance(module, torch.nn.Conv3d):
-                    module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
+            channels_last_weights(vae)
         with torch.inference_mode():
             decode_latents(vae, latents)  # warm
             frames, first = synced(lambda: decode_latents(vae, latents, lambda _: None))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import DEVICE, build_dit, build_vae, relative_error, reset_memory, synced  # noqa: E402
 
 from pipeline.attention import set_attention_kernel  # noqa: E402
-from pipeline.vae import compile_norms, speed_up_decode  # noqa: E402
+from pipeline.vae import channels_last_weights, compile_norms, speed_up_decode  # noqa: E402
 from pipeline.video import decode_latents  # noqa: E402
 
 # Kernel families by name fragment, first match wins (Inductor's names carry the ops they fused, so
@@ -86,12 +86,6 @@ DIT_VARIANTS = {
 }
 # DiT variant with coordinate-descent tuning of the fused elementwise kernels
 DIT_VARIANTS["fa3_compiled_cd"] = (False, "default", {"coordinate_descent_tuning": True})
-def channels_last_weights(vae) -> None:
-    for module in vae.modules():
-        if isinstance(module, torch.nn.Conv3d):
-            module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
-
-
 # VAE variant -> what is done to diffusers' bf16 VAE before decoding (pipeline/vae.py)
 VAE_VARIANTS = {
     "eager": (),

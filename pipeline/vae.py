@@ -45,7 +45,14 @@ def speed_up_decode(vae: torch.nn.Module, channels_last: bool) -> None:
     for module in vae.modules():
         if type(module) is WanCausalConv3d:
             module.__class__ = CausalConv3dPaddedInKernel  # same parameters and buffers, new forward
-        if channels_last and isinstance(module, torch.nn.Conv3d):
+    if channels_last:
+        channels_last_weights(vae)
+
+
+def channels_last_weights(model: torch.nn.Module) -> None:
+    """3-D convolution weights in channels-last layout, so cuDNN keeps the activations NDHWC too."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv3d):
             module.weight.data = module.weight.data.to(memory_format=torch.channels_last_3d)
 
 
