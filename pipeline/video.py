@@ -19,6 +19,13 @@ import torch
 
 FPS = 16
 
+# imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp (to keep Ctrl-C from it), and a preexec_fn
+# makes subprocess fork() the whole process. In a Ray replica, gRPC's threads make that unsafe: the
+# child sometimes aborts before it becomes ffmpeg ("Other threads are currently calling into gRPC,
+# skipping fork() handlers", then SIGABRT) and the write fails with "Broken pipe". Without it,
+# subprocess uses vfork + exec, which runs nothing in the child. This is imageio-ffmpeg's own switch.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 FrameSink = Callable[[np.ndarray], None]  # takes uint8 frames [n, H, W, 3]
 
 

@@ -109,3 +109,11 @@ def test_streamed_decode_gives_the_pixels_of_a_whole_decode(demo_source):
     assert [len(chunk) for chunk in chunks] == [1, 4, 4]
     assert np.array_equal(streamed, decode_latents(vae, latents))
     assert np.array_equal(np.concatenate(chunks), streamed)
+
+
+def test_ffmpeg_starts_without_a_fork_of_the_whole_process():
+    """A preexec_fn forces fork(), which gRPC's threads in a Ray replica make abort now and then."""
+    import pipeline.video  # noqa: F401 - sets imageio-ffmpeg's switch
+    from imageio_ffmpeg._utils import _popen_kwargs
+
+    assert _popen_kwargs(prevent_sigint=True)["preexec_fn"] is None
