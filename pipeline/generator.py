@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.attention import AttentionKernel, resolve_kernel, set_attention_kernel
+from pipeline.dit import fuse_elementwise
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
@@ -58,6 +59,7 @@ class VideoModel:
         # Before the CFG-parallel copy below, so both copies run the same kernel.
         self.attention = resolve_kernel(attention, device)
         set_attention_kernel(transformer, self.attention)
+        fuse_elementwise(transformer)  # before placement: the stream policy's offload hooks keep copies of the weights
         speed_up_decode(vae, channels_last=device.type == "cuda")
         self.models = PlacedModels(transformer, vae, device, policy)
         self.device = device

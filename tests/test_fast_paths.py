@@ -152,3 +152,47 @@ def test_compiled_cfg_parallel_compiles_one_branch_at_a_time(demo_source, embedd
     second = model.generate(PARAMS, *embeddings).frames.astype(np.float64)
     assert np.abs(second - first).mean() < 0.5
     assert np.abs(first - generate(demo_source, embeddings, compiled=True)).mean() < 0.5
+
+
+def test_fused_elementwise_dit_computes_the_same_function(demo_source):
+    """GELU in the up-projection's op and (evens, odds) RoPE heads: same outputs, every block converted."""
+    import copy
+
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from pipeline.dit import GeluInEpilogue, HalvesRopeProcessor, fuse_elementwise, linear_gelu_tanh
+    from pipeline.loading import load_transformer
+
+    reference = load_transformer(demo_source, torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # norm weights of ones and zero biases would hide a missed permutation
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    fused = copy.deepcopy(reference)
+    fuse_elementwise(fused)
+    blocks = reference.config.num_layers
+    assert sum(type(m) is GeluInEpilogue for m in fused.modules()) == blocks
+    processors = [type(block.attn1.processor) for block in fused.blocks] + [type(block.attn2.processor) for block in fused.blocks]
+    assert processors == [HalvesRopeProcessor] * blocks + [WanAttnProcessor] * blocks  # cross-attention has no RoPE
+    inputs = {"hidden_states": torch.randn(1, 16, 3, 8, 8, generator=generator), "timestep": torch.tensor([700.0]),
+              "encoder_hidden_states": torch.randn(1, 512, reference.config.text_dim, generator=generator), "return_dict": False}
+    with torch.inference_mode():
+        expected, got = reference(**inputs)[0], fused(**inputs)[0]
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert not torch.equal(fused.blocks[0].attn1.to_q.weight, reference.blocks[0].attn1.to_q.weight)  # really permuted
+
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 5, 8), (12, 8), (12,)))
+    assert torch.equal(linear_gelu_tanh(x, weight, bias), torch.nn.functional.gelu(x @ weight.T + bias, approximate="tanh"))
+
+
+def test_video_model_runs_the_fused_dit_and_refuses_what_it_cannot_rearrange(demo_source):
+    from pipeline.dit import GeluInEpilogue, deinterleave_rope
+    from pipeline.loading import load_transformer
+
+    model = VideoModel.load(demo_source, torch.device("cpu"), uncond_device=torch.device("cpu"))
+    for transformer in (model.models.transformer, model.uncond_transformer):
+        assert any(type(m) is GeluInEpilogue for m in transformer.modules())
+    fused_qkv = load_transformer(demo_source, torch.float32)
+    fused_qkv.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="separate q/k/v projections"):
+        deinterleave_rope(fused_qkv)
