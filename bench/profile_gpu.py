@@ -4,12 +4,13 @@ Full-size random weights, as in bench/gpu.py. For each DiT variant: seconds per 
 832x480x81 shape (mean of 5 after warm-up), the warm-up (compile) seconds, GPU kernel time by
 family (torch.profiler), the top kernels, and the output's relative difference from the first
 variant's. For each VAE variant: the bf16 decode by latent frame as the pipeline runs it, the same
-breakdown, and the largest pixel difference from eager.
+breakdown, and the largest pixel difference from eager. `cfg`: one guidance step's two forwards on
+one GPU, in turn or on two CUDA streams.
 
 Writes `<out>/profile-<device>-<date>[-tag].json` and `.md` after every variant, so a run cut short
 keeps what it measured.
 
-Usage (on the GPU machine): python bench/profile_gpu.py [--out DIR] [--tag T] [kernels | dit | vae | dit:VARIANT ...]
+Usage (on the GPU machine): python bench/profile_gpu.py [--out DIR] [--tag T] [kernels | dit | vae | cfg | dit:VARIANT ...]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import DEVICE, build_dit, build_vae, relative_error, reset_memory, synced  # noqa: E402
 
 from pipeline.attention import set_attention_kernel  # noqa: E402
+from pipeline.dit import fuse_elementwise, linear_gelu_tanh, rotate_halves  # noqa: E402
 from pipeline.vae import channels_last_weights, compile_norms, speed_up_decode  # noqa: E402
 from pipeline.video import decode_latents  # noqa: E402
 
@@ -77,15 +80,20 @@ def kernel_profile(fn, repeats: int = 2) -> dict:
     }
 
 
-# DiT variant -> (fused QKV projections, torch.compile mode or None for eager, inductor options)
+# DiT variant -> (changes made to diffusers' bf16 DiT before compiling, torch.compile mode or None for eager, inductor options)
+def fuse_qkv(model) -> None:
+    model.fuse_qkv_projections()
+
+
 DIT_VARIANTS = {
-    "fa3_compiled": (False, "default", {}),
-    "fa3_compiled_fused_qkv": (True, "default", {}),
-    "fa3_autotune_fused_qkv": (True, "max-autotune-no-cudagraphs", {}),
-    "fa3_autotune_cd_fused_qkv": (True, "max-autotune-no-cudagraphs", {"coordinate_descent_tuning": True}),
+    "fa3_compiled": ((), "default", {}),
+    "fa3_compiled_fused_qkv": ((fuse_qkv,), "default", {}),
+    "fa3_autotune_fused_qkv": ((fuse_qkv,), "max-autotune-no-cudagraphs", {}),
+    # coordinate-descent tuning of the fused elementwise kernels
+    "fa3_compiled_cd": ((), "default", {"coordinate_descent_tuning": True}),
+    # GELU in the up-projection's epilogue and (evens, odds) RoPE heads (pipeline/dit.py)
+    "fa3_compiled_cd_fused_elementwise": ((fuse_elementwise,), "default", {"coordinate_descent_tuning": True}),
 }
-# DiT variant with coordinate-descent tuning of the fused elementwise kernels
-DIT_VARIANTS["fa3_compiled_cd"] = (False, "default", {"coordinate_descent_tuning": True})
 # VAE variant -> what is done to diffusers' bf16 VAE before decoding (pipeline/vae.py)
 VAE_VARIANTS = {
     "eager": (),
@@ -94,6 +102,11 @@ VAE_VARIANTS = {
     "channels_last_implicit_pad": (partial(speed_up_decode, channels_last=True),),
     "channels_last_implicit_pad_compiled_norms": (partial(speed_up_decode, channels_last=True), compile_norms),
 }
+
+
+# How one guidance step runs its two forwards on one GPU: one after the other, or concurrently from
+# two threads on two CUDA streams (each forward's kernel tails can fill with the other's kernels).
+CFG_VARIANTS = ("sequential", "two_streams")
 
 
 class Profiler:
@@ -108,12 +121,15 @@ class Profiler:
             "dit": {},
             "vae": {},
             "kernels": {},
+            "cfg": {},
         }
         generator = torch.Generator().manual_seed(0)
         self.latents = torch.randn(1, 16, 21, 60, 104, generator=generator).to(DEVICE)
         self.context = (torch.randn(1, 512, 4096, generator=generator) * 0.1).to(DEVICE, torch.bfloat16)
         self.timestep = torch.tensor([500.0], device=DEVICE)
         self.dit_reference: torch.Tensor | None = None
+        self.cfg_model = None
+        self.cfg_reference = None
         self.vae_reference = None
 
     def save(self) -> None:
@@ -123,15 +139,15 @@ class Profiler:
         stem.with_suffix(".md").write_text(markdown(self.results))
 
     def dit(self, name: str) -> dict:
-        fused, mode, inductor = DIT_VARIANTS[name]
+        changes, mode, inductor = DIT_VARIANTS[name]
         torch._dynamo.reset()
         saved = {key: getattr(torch._inductor.config, key) for key in inductor}
         for key, value in inductor.items():
             setattr(torch._inductor.config, key, value)
         model = build_dit()
         set_attention_kernel(model, "flash3")
-        if fused:
-            model.fuse_qkv_projections()
+        for change in changes:
+            change(model)
         if mode is not None:
             model.compile_repeated_blocks(fullgraph=True, mode=mode)
         hidden = self.latents.to(torch.bfloat16)
@@ -143,7 +159,7 @@ class Profiler:
         output, warmup_s = synced(forward)
         forward()
         seconds = [synced(forward)[1] for _ in range(5)]
-        run = {"fused_qkv": fused, "compile_mode": mode, "inductor": inductor, "warmup_s": round(warmup_s, 1),
+        run = {"changes": [change.__name__ for change in changes], "compile_mode": mode, "inductor": inductor, "warmup_s": round(warmup_s, 1),
                "forward_s": round(sum(seconds) / len(seconds), 4), "forward_s_min": round(min(seconds), 4)}
         if self.dit_reference is None:
             self.dit_reference = output.float()
@@ -177,6 +193,50 @@ class Profiler:
 
     def kernels(self, name: str) -> dict:
         return kernels()
+
+    def cfg(self, name: str) -> dict:
+        """One guidance step (conditional + unconditional forward) on one GPU: in turn, or on two streams."""
+        if self.cfg_model is None:
+            torch._dynamo.reset()
+            torch._inductor.config.coordinate_descent_tuning = True
+            self.cfg_model = build_dit()
+            set_attention_kernel(self.cfg_model, "flash3")
+            fuse_elementwise(self.cfg_model)
+            self.cfg_model.compile_repeated_blocks(fullgraph=True)
+        model, hidden = self.cfg_model, self.latents.to(torch.bfloat16)
+        negative = self.context.flip(1)
+
+        @torch.inference_mode()
+        def forward(context):
+            return model(hidden_states=hidden, timestep=self.timestep, encoder_hidden_states=context, return_dict=False)[0]
+
+        side_stream = torch.cuda.Stream()
+        side_thread = ThreadPoolExecutor(max_workers=1)
+
+        def on_side_stream():
+            with torch.cuda.stream(side_stream):
+                return forward(negative)
+
+        def step():
+            if name == "sequential":
+                return forward(self.context), forward(negative)
+            side_stream.wait_stream(torch.cuda.current_stream())
+            uncond = side_thread.submit(on_side_stream)
+            cond = forward(self.context)
+            result = uncond.result()
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return cond, result
+
+        (cond, uncond), warmup_s = synced(step)
+        step()
+        seconds = [synced(step)[1] for _ in range(4)]
+        side_thread.shutdown()
+        run = {"warmup_s": round(warmup_s, 1), "step_s": round(sum(seconds) / len(seconds), 4), "step_s_min": round(min(seconds), 4)}
+        if self.cfg_reference is None:
+            self.cfg_reference = (cond.float(), uncond.float())
+        else:
+            run["rel_diff_vs_first"] = max(relative_error(a.float(), b) for a, b in zip((cond, uncond), self.cfg_reference))
+        return run
 
     def run(self, section: str, name: str) -> None:
         print(f"== {section}:{name}", flush=True)
@@ -223,6 +283,8 @@ def kernels() -> dict:
     kv_text = torch.randn(1, text, heads, dim, **bf16)
     fa3 = flash3_function()
     out["fa3_self_ms"] = time_ms(lambda: fa3(q, q, q))
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    out["fa3_self_distinct_qkv_ms"] = time_ms(lambda: fa3(q, k, v))
     out["fa3_cross_ms"] = time_ms(lambda: fa3(q, kv_text, kv_text))
     qt, kt = q.transpose(1, 2), kv_text.transpose(1, 2)
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash2", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
@@ -237,9 +299,8 @@ def kernels() -> dict:
     reference = F.gelu(F.linear(x, weight, bias).float(), approximate="tanh")
     out["ffn_up_linear_then_gelu_ms"] = time_ms(lambda: F.gelu(F.linear(x, weight, bias), approximate="tanh"))
     out["ffn_up_linear_only_ms"] = time_ms(lambda: F.linear(x, weight, bias))
-    fused = lambda: torch._addmm_activation(bias, x, weight.t(), use_gelu=True)  # noqa: E731 - cuBLASLt GELU epilogue
-    out["ffn_up_gelu_epilogue_ms"] = time_ms(fused)
-    out["ffn_up_gelu_epilogue_rel_diff"] = relative_error(fused().float(), reference)
+    out["ffn_up_gelu_epilogue_ms"] = time_ms(lambda: linear_gelu_tanh(x, weight, bias))  # cuBLASLt GELU epilogue
+    out["ffn_up_gelu_epilogue_rel_diff"] = relative_error(linear_gelu_tanh(x, weight, bias).float(), reference)
     out["ffn_up_linear_then_gelu_rel_diff"] = relative_error(F.gelu(F.linear(x, weight, bias), approximate="tanh").float(), reference)
 
     norm = torch.nn.RMSNorm(1536, eps=1e-6, **bf16)
@@ -258,13 +319,20 @@ def kernels() -> dict:
         c, s = cos[..., 0::2], sin[..., 1::2]
         return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(h)
 
+    def rope_halves(h):  # pipeline/dit.py: heads stored (evens, odds)
+        return rotate_halves(h, cos[..., 0::2], sin[..., 1::2])
+
     qk = torch.randn(1, tokens, 1536, **bf16)
-    for name, rope in (("diffusers", rope_diffusers), ("stacked", rope_stacked)):
+    order = (torch.arange(heads)[:, None] * dim + torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])).flatten()
+    for name, rope, h in (("diffusers", rope_diffusers, qk), ("stacked", rope_stacked, qk), ("halves", rope_halves, qk[..., order.to(DEVICE)].contiguous())):
         torch._dynamo.reset()
         step = torch.compile(lambda h, rope=rope: rope(norm(h).unflatten(2, (heads, -1))), fullgraph=True)
-        out[f"norm_rope_{name}_compiled_ms"] = time_ms(lambda: step(qk))
-        out[f"norm_rope_{name}_output"] = step(qk)
-    out["norm_rope_stacked_rel_diff"] = relative_error(out.pop("norm_rope_stacked_output").float(), out.pop("norm_rope_diffusers_output").float())
+        out[f"norm_rope_{name}_compiled_ms"] = time_ms(lambda: step(h))
+        out[f"norm_rope_{name}_output"] = step(h)
+    out["norm_rope_halves_output"] = out["norm_rope_halves_output"].flatten(2)[..., order.argsort().to(DEVICE)].unflatten(2, (heads, -1))
+    reference = out.pop("norm_rope_diffusers_output").float()
+    for name in ("stacked", "halves"):
+        out[f"norm_rope_{name}_rel_diff"] = relative_error(out.pop(f"norm_rope_{name}_output").float(), reference)
     return out
 
 
@@ -285,6 +353,11 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {run[unit]} | {run['warmup_s']} | {run['gpu_ms_total']} | "
                          + " | ".join(str(split.get(f, 0)) for f in families) + f" | {diff} |")
         lines.append("")
+    steps = {k: v for k, v in results.get("cfg", {}).items() if "step_s" in v}
+    if steps:
+        lines += ["| guidance step on one GPU | step_s | min | warm-up s | difference |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {run['step_s']} | {run['step_s_min']} | {run['warmup_s']} | {run.get('rel_diff_vs_first', '—')} |"
+                  for name, run in steps.items()] + [""]
     shapes = results.get("kernels", {}).get("shapes", {})
     if shapes:
         lines += ["| single operation at the DiT's shapes | ms or relative difference |", "| --- | --- |"]
@@ -303,7 +376,7 @@ def main() -> None:
     profiler = Profiler(out, args.tag)
     for target in args.targets:
         section, _, name = target.partition(":")
-        names = [name] if name else list({"dit": DIT_VARIANTS, "vae": VAE_VARIANTS, "kernels": ["shapes"]}[section])
+        names = [name] if name else list({"dit": DIT_VARIANTS, "vae": VAE_VARIANTS, "kernels": ["shapes"], "cfg": CFG_VARIANTS}[section])
         for variant in names:
             profiler.run(section, variant)
     print(markdown(profiler.results), flush=True)
