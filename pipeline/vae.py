@@ -9,13 +9,15 @@ time copying and in elementwise kernels than in its convolutions:
 - NCDHW activations make cuDNN transpose to NHWC and back around each convolution; channels-last
   weights keep the activations channels-last throughout (GPU only: bf16 rounding moves, max 6/255).
 - each RMS norm is five memory passes eagerly and one compiled (`compile_norms`, with the DiT).
+- each 2x nearest-neighbour upsampling converts to float32 and back around the copy; nearest
+  upsampling only copies values, so doing it in the input's dtype gives the same pixels.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm, WanUpsample
 
 # A compiled norm sees each of its shapes (channels x resolution x frames per latent frame, tiles)
 # once; more shapes than Dynamo's default of 8 recompiles would silently fall back to eager.
@@ -40,13 +42,28 @@ class CausalConv3dPaddedInKernel(WanCausalConv3d):
         return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
+class UpsampleInInputDtype(WanUpsample):
+    """WanUpsample without its float32 round trip: nearest-neighbour modes copy values exactly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.Upsample.forward(self, x)
+
+
 def speed_up_decode(vae: torch.nn.Module, channels_last: bool) -> None:
-    """Padding inside the convolutions (always) and channels-last weights (`channels_last`), in place."""
+    """Padding inside the convolutions, upsampling in the VAE's dtype (both always) and channels-last
+    weights (`channels_last`), in place; modules keep their parameters and buffers, only forward changes."""
+    pad_inside_convolutions(vae)
     for module in vae.modules():
-        if type(module) is WanCausalConv3d:
-            module.__class__ = CausalConv3dPaddedInKernel  # same parameters and buffers, new forward
+        if type(module) is WanUpsample and module.mode.startswith("nearest"):
+            module.__class__ = UpsampleInInputDtype
     if channels_last:
         channels_last_weights(vae)
+
+
+def pad_inside_convolutions(vae: torch.nn.Module) -> None:
+    for module in vae.modules():
+        if type(module) is WanCausalConv3d:
+            module.__class__ = CausalConv3dPaddedInKernel
 
 
 def channels_last_weights(model: torch.nn.Module) -> None:

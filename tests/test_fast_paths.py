@@ -125,7 +125,9 @@ def test_a_failure_after_the_decode_leaves_no_partial_mp4(demo_source, embedding
 def test_vae_padding_inside_the_convolution_gives_the_same_pixels(demo_source):
     """The faster causal convolution is exact, whole and tiled; channels-last only moves rounding."""
     from pipeline.loading import load_vae
-    from pipeline.vae import CausalConv3dPaddedInKernel, speed_up_decode
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
+
+    from pipeline.vae import CausalConv3dPaddedInKernel, UpsampleInInputDtype, speed_up_decode
 
     reference, fast = load_vae(demo_source, torch.float32), load_vae(demo_source, torch.float32)
     speed_up_decode(fast, channels_last=False)
@@ -139,6 +141,12 @@ def test_vae_padding_inside_the_convolution_gives_the_same_pixels(demo_source):
     fast.disable_tiling()
     speed_up_decode(fast, channels_last=True)
     assert (fast.decode(latents).sample - expected).abs().max() < 1e-4
+
+    # Upsampling in bf16 instead of float32 and back: nearest-neighbour only copies, so equal.
+    upsamplers = [m for m in fast.modules() if isinstance(m, UpsampleInInputDtype)]
+    assert len(upsamplers) == len(fast.config.dim_mult) - 1  # one per decoder stage that doubles H and W
+    x = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    assert torch.equal(upsamplers[0](x), WanUpsample.forward(upsamplers[0], x))
 
 
 def test_compiled_cfg_parallel_compiles_one_branch_at_a_time(demo_source, embeddings):
