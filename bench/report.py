@@ -24,34 +24,38 @@ def end_to_end(run: dict) -> float:
 
 
 def main() -> None:
-    main_run, first_run = load(f"{BASE}-fast-v2"), load(f"{BASE}-fast")
-    two_gpus, caches = load(f"{BASE}-fast-v2-cfg"), load(f"{BASE}-fast-2gpu")
-    policies = load(f"{BASE}-policies50")["policies"]
+    main_run, before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast-v2"), load(f"{BASE}-fast")
+    two_gpus, caches = load(f"{BASE}-fast-v3-cfg"), load(f"{BASE}-fast-2gpu")
+    policies = load(f"{BASE}-policies50-v3-warm")["policies"]
+    offload = load(f"{BASE}-policies50-v3")["policies"]["offload"]  # that run's resident was timed cold: no ratio
     cfg, cache = two_gpus["cfg_parallel"], caches["step_cache"]
     rows = [
-        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, f"{BASE}-fast-v2"),
-        ("ours, exact (SDPA, fp32 VAE)", main_run["resident"], main_run["diffusers"], f"{BASE}-fast-v2"),
-        ("ours, fast: FA3 + compiled + bf16 VAE", main_run["fast"], main_run["diffusers"], f"{BASE}-fast-v2"),
-        ("diffusers WanPipeline (baseline, earlier run)", first_run["diffusers"], None, f"{BASE}-fast"),
+        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, f"{BASE}-fast-v3"),
+        ("ours, reference (SDPA, eager, fp32 VAE)", main_run["resident"], main_run["diffusers"], f"{BASE}-fast-v3"),
+        ("ours, fast: FA3 + compiled + fused elementwise + bf16 VAE", main_run["fast"], main_run["diffusers"], f"{BASE}-fast-v3"),
+        ("diffusers WanPipeline (baseline, earlier run)", before_run["diffusers"], None, f"{BASE}-fast-v2"),
+        ("ours, fast before the fused elementwise DiT and bf16 upsampling", before_run["fast"], before_run["diffusers"], f"{BASE}-fast-v2"),
+        ("diffusers WanPipeline (baseline, first run)", first_run["diffusers"], None, f"{BASE}-fast"),
         ("ours, compiled DiT blocks (SDPA, fp32 VAE)", first_run["compiled"], first_run["diffusers"], f"{BASE}-fast"),
         ("ours, FlashAttention-3 (eager, fp32 VAE)", first_run["flash3"], first_run["diffusers"], f"{BASE}-fast"),
-        ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50"),
-        ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50"),
-        ("ours, exact, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-v2-cfg"),
-        ("ours, CFG-parallel, 2 GPUs, exact", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-v2-cfg"),
-        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-v2-cfg"),
-        ("ours, exact, one GPU (2-GPU host, earlier run)", caches["resident"], None, f"{BASE}-fast-2gpu"),
+        ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50-v3-warm"),
+        ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50-v3-warm"),
+        ("ours, reference, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-v3-cfg"),
+        ("ours, CFG-parallel, 2 GPUs, SDPA + fp32 VAE", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-v3-cfg"),
+        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-v3-cfg"),
+        ("ours, reference, one GPU (2-GPU host, earlier run)", caches["resident"], None, f"{BASE}-fast-2gpu"),
         ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], caches["resident"], f"{BASE}-fast-2gpu"),
         ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], caches["resident"], f"{BASE}-fast-2gpu"),
     ]
     print(f"{main_run['device']}, {main_run['date']}; 832x480, 81 frames, 50 steps, guidance 6; random weights of the real shapes.\n")
-    print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs exact | result file |")
+    print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs reference | result file |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, run, baseline, source in rows:
         e2e = end_to_end(run)
         ratio = f"{e2e / end_to_end(baseline):.2f}×" if baseline else "1.00×"
         error = run.get("latents_rel_error_vs_reference")
-        error = "0 (reference)" if error is None and "exact" in name else ("—" if error is None else f"{error:.3g}")
+        is_reference = "official_sigmas_first_last" in run  # a `resident` section: the run's reference path
+        error = "0 (reference)" if is_reference else ("—" if error is None else f"{error:.3g}")
         print(f"| {name} | {run['per_step_s']:.3f} | {e2e:.1f} | {ratio} | {run['peak_gib']} | {error} | `{source}.json` |")
     text = main_run["text"]
     vae = main_run["vae"]
@@ -63,8 +67,9 @@ def main() -> None:
         f"bf16 as the fast path decodes (pipeline/vae.py) {vae['bf16_fast']['decode_s']} s / {vae['bf16_fast']['peak_gib']} GiB "
         f"at {vae['bf16_fast']['psnr_db_vs_fp32']} dB. "
         f"Stream policy: peak {policies['stream']['peak_gib']} GiB, {policies['stream']['slowdown_vs_resident'] * 100:.1f} % "
-        f"slower than resident over 50 steps; offload: {policies['offload']['peak_gib']} GiB, "
-        f"{policies['offload']['slowdown_vs_resident'] * 100:.1f} % slower."
+        f"slower than resident over 50 steps. Offload (`{BASE}-policies50-v3`): peak {offload['peak_gib']} GiB, "
+        f"{offload['per_step_s']} s per step, plus {offload['denoise_s'] - 50 * offload['per_step_s']:.1f} s per video "
+        f"moving the DiT to the GPU and back."
     )
 
 

@@ -78,7 +78,7 @@ class GeneratorOptions(Strict):
     # flash3: FA3 or a start-up error. Exact attention either way (H100: -12 % per compiled step).
     attention: AttentionKernel = "auto"
     # Regional torch.compile of the DiT blocks, warmed at replica start for the default size and
-    # frame count: -16 % per step on an H100 (bench/results), about 20 s more start-up.
+    # frame count: -16 % per step on an H100 (bench/results), 50-100 s more start-up.
     compile: bool = False
     # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
     cfg_parallel: bool = False
