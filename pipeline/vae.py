@@ -61,6 +61,7 @@ def speed_up_decode(vae: torch.nn.Module, channels_last: bool) -> None:
 
 
 def pad_inside_convolutions(vae: torch.nn.Module) -> None:
+    """Every causal convolution becomes `CausalConv3dPaddedInKernel` (same parameters, exact)."""
     for module in vae.modules():
         if type(module) is WanCausalConv3d:
             module.__class__ = CausalConv3dPaddedInKernel
