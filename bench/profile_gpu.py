@@ -5,7 +5,11 @@ Full-size random weights, as in bench/gpu.py. For each DiT variant: seconds per 
 family (torch.profiler), the top kernels, and the output's relative difference from the first
 variant's. For each VAE variant: the bf16 decode by latent frame as the pipeline runs it, the same
 breakdown, and the largest pixel difference from the first variant run. `cfg`: one guidance step's two forwards on
-one GPU, in turn or on two CUDA streams.
+one GPU, in turn or on two CUDA streams. `loop`: the sampler loop as VideoModel runs it (FA3, compiled):
+seconds per step, then one traced run's GPU idle time and its longest gaps with the CPU work going
+on. `sustained`: the DiT's big GEMM and FA3 self-attention held for 20 s, TFLOP/s per second (an H100
+SXM holds 700 W by lowering its clock). `conv`: the VAE's costliest convolution computed other ways.
+`vae_ops`: the decode's GPU time by aten op and shape.
 
 Writes `<out>/profile-<device>-<date>[-tag].json` and `.md` after every variant, so a run cut short
 keeps what it measured.
@@ -16,6 +20,7 @@ Usage (on the GPU machine): python bench/profile_gpu.py [--out DIR] [--tag T] [k
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -29,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +42,8 @@ from gpu import DEVICE, build_dit, build_vae, relative_error, reset_memory, sync
 
 from pipeline.attention import set_attention_kernel  # noqa: E402
 from pipeline.dit import fuse_elementwise, linear_gelu_tanh, rotate_halves  # noqa: E402
+from pipeline.generator import VideoModel  # noqa: E402
+from pipeline.sampler import DenoiseRequest, denoise  # noqa: E402
 from pipeline.vae import channels_last_weights, compile_norms, pad_inside_convolutions, speed_up_decode  # noqa: E402
 from pipeline.video import decode_latents  # noqa: E402
 
@@ -116,6 +124,22 @@ VAE_VARIANTS = {
 # two threads on two CUDA streams (each forward's kernel tails can fill with the other's kernels).
 CFG_VARIANTS = ("sequential", "two_streams")
 
+# The sampler loop of a compiled VideoModel. (A run on 2026-11-26 also replayed each forward from a
+# CUDA graph: 0.8942 against 0.8953 s per step, because the GPU idles only 0.8 % of the loop. Not kept.)
+LOOP_VARIANTS = ("compiled",)
+LOOP_STEPS = 10
+
+# Held for SUSTAIN_S seconds, as the 100 forwards of a video hold them: the DiT's FFN up-projection GEMM
+# and its FA3 self-attention. An H100 SXM caps its power at 700 W and lowers its clock to stay there.
+SUSTAINED = ("ffn_gemm", "fa3_self_attention")
+SUSTAIN_S = 20.0
+
+# The VAE's full-resolution 96-channel 3x3x3 convolution (four output frames after two cached ones),
+# computed three ways: cuDNN conv3d; conv3d with the output channels zero-padded to 128 (then sliced);
+# three cuDNN conv2d over time-shifted frames, summed in bf16; one conv2d over the three frames stacked
+# as channels (one fp32 accumulation, like conv3d's).
+CONV_VARIANTS = ("conv3d", "conv3d_out128", "conv2d_sum", "conv2d_stacked")
+
 
 class Profiler:
     def __init__(self, out: Path, tag: str):
@@ -130,6 +154,10 @@ class Profiler:
             "vae": {},
             "kernels": {},
             "cfg": {},
+            "loop": {},
+            "sustained": {},
+            "conv": {},
+            "vae_ops": {},
         }
         generator = torch.Generator().manual_seed(0)
         self.latents = torch.randn(1, 16, 21, 60, 104, generator=generator).to(DEVICE)
@@ -139,6 +167,8 @@ class Profiler:
         self.cfg_model = None
         self.cfg_reference = None
         self.vae_reference = None
+        self.loop_model = None
+        self.loop_reference = None
 
     def save(self) -> None:
         slug = re.sub(r"[^a-z0-9]+", "-", self.results["device"].lower()).strip("-")
@@ -247,6 +277,116 @@ class Profiler:
             run["rel_diff_vs_first"] = max(relative_error(a.float(), b) for a, b in zip((cond, uncond), self.cfg_reference))
         return run
 
+    def loop(self, name: str) -> dict:
+        """LOOP_STEPS guidance steps at 832x480x81 through `denoise`, as VideoModel.generate runs them."""
+        if self.loop_model is None:
+            torch._dynamo.reset()
+            self.loop_model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
+            self.loop_model.compile()
+        model = self.loop_model
+        request = DenoiseRequest(context=self.context, negative_context=self.context.flip(1), frame_num=81, height=480, width=832,
+                                 steps=LOOP_STEPS, shift=8.0, guide_scale=6.0, seed=42)
+
+        def sample(steps: int) -> torch.Tensor:
+            return denoise(model.models.transformer, dataclasses.replace(request, steps=steps), DEVICE)
+
+        reset_memory()
+        _, warmup_s = synced(lambda: sample(2))  # compiles
+        latents, seconds = synced(lambda: sample(LOOP_STEPS))
+        run = {"warmup_s": round(warmup_s, 1), "step_s": round(seconds / LOOP_STEPS, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if self.loop_reference is None:
+            self.loop_reference = latents
+        else:
+            run["latents_rel_diff_vs_first"] = relative_error(latents, self.loop_reference)
+        run.update(idle_gaps(lambda: sample(3)))
+        return run
+
+    def sustained(self, name: str) -> dict:
+        """TFLOP/s in one-second windows over SUSTAIN_S seconds of back-to-back work."""
+        bf16 = {"device": DEVICE, "dtype": torch.bfloat16}
+        tokens, heads, dim = 32760, 12, 128
+        if name == "ffn_gemm":
+            x, weight = torch.randn(tokens, 1536, **bf16), torch.randn(1536, 8960, **bf16) * 0.02
+            work, flop = (lambda: x @ weight), 2 * tokens * 1536 * 8960
+        else:
+            from pipeline.attention import flash3_function
+
+            fa3 = flash3_function()
+            q, k, v = (torch.randn(1, tokens, heads, dim, **bf16) for _ in range(3))
+            work, flop = (lambda: fa3(q, k, v)), 4 * tokens * tokens * heads * dim
+        per_call_ms = time_ms(work, repeats=10)
+        calls = max(1, int(1000 / per_call_ms))
+        windows, started = [], time.perf_counter()
+        while time.perf_counter() - started < SUSTAIN_S:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(calls):
+                work()
+            end.record()
+            end.synchronize()
+            windows.append(round(calls * flop / (begin.elapsed_time(end) / 1000) / 1e12, 1))
+        return {"burst_tflops": round(flop / (per_call_ms / 1000) / 1e12, 1), "tflops_by_second": windows,
+                "sustained_tflops": round(sum(windows[-5:]) / len(windows[-5:]), 1)}
+
+    def conv(self, name: str) -> dict:
+        """One VAE convolution at its full-resolution shape (see CONV_VARIANTS); output difference from conv3d."""
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 96, 6, 480, 832, generator=generator).to(DEVICE, torch.bfloat16).to(memory_format=torch.channels_last_3d)
+        weight = (torch.randn(96, 96, 3, 3, 3, generator=generator) * 0.02).to(DEVICE, torch.bfloat16).to(memory_format=torch.channels_last_3d)
+        bias = torch.randn(96, generator=generator).to(DEVICE, torch.bfloat16)
+        if name == "conv3d":
+            work = lambda: F.conv3d(x, weight, bias, padding=(0, 1, 1))  # noqa: E731
+        elif name == "conv3d_out128":
+            weight128 = torch.cat([weight, weight.new_zeros(32, 96, 3, 3, 3)]).to(memory_format=torch.channels_last_3d)
+            bias128 = torch.cat([bias, bias.new_zeros(32)])
+            work = lambda: F.conv3d(x, weight128, bias128, padding=(0, 1, 1))[:, :96].contiguous(memory_format=torch.channels_last_3d)  # noqa: E731
+        elif name == "conv2d_stacked":
+            frames = x[0].transpose(0, 1)  # [6, 96, H, W], channels-last strides: a view
+            stacked_weight = weight.permute(0, 2, 1, 3, 4).reshape(96, 288, 3, 3).contiguous(memory_format=torch.channels_last)
+
+            def work():
+                stacked = torch.cat([frames[dt:dt + 4] for dt in range(3)], dim=1)  # [4, 288, H, W]
+                return F.conv2d(stacked, stacked_weight, bias, padding=1).transpose(0, 1).unsqueeze(0)
+        else:
+            frames = x[0].transpose(0, 1)  # [6, 96, H, W], channels-last strides: a view
+            slices = [weight[:, :, dt].contiguous(memory_format=torch.channels_last) for dt in range(3)]
+
+            def work():
+                out = F.conv2d(frames[0:4], slices[0], bias, padding=1)
+                out = out + F.conv2d(frames[1:5], slices[1], None, padding=1)
+                out = out + F.conv2d(frames[2:6], slices[2], None, padding=1)
+                return out.transpose(0, 1).unsqueeze(0)
+        output = work()
+        run = {"ms": time_ms(work, repeats=10), "output_strides": list(output.stride())}
+        if name == "conv3d":
+            self.conv_reference = output.float()
+        else:
+            run["rel_diff_vs_conv3d"] = relative_error(output.float(), self.conv_reference)
+        run.update(kernel_profile(work, repeats=1))
+        return run
+
+    def vae_ops(self, name: str) -> dict:
+        """The bf16 decode as VideoModel runs it: GPU time by aten op and input shapes (top 25)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        torch._dynamo.reset()
+        vae = build_vae(torch.bfloat16)
+        speed_up_decode(vae, channels_last=True)
+        compile_norms(vae)
+
+        def decode():
+            return decode_latents(vae, self.latents, lambda _: None)
+
+        _, warmup_s = synced(decode)
+        _, decode_s = synced(decode)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            decode()
+            torch.cuda.synchronize()
+        rows = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+        rows.sort(key=lambda e: -e.self_device_time_total)
+        return {"decode_s": round(decode_s, 3), "warmup_s": round(warmup_s, 1),
+                "ops": [[e.key, str(e.input_shapes)[:160], round(e.self_device_time_total / 1000, 1), e.count] for e in rows[:25]]}
+
     def run(self, section: str, name: str) -> None:
         print(f"== {section}:{name}", flush=True)
         reset_memory()
@@ -262,6 +402,42 @@ class Profiler:
         self.results[section][name] = result
         print(json.dumps(result), flush=True)
         self.save()
+
+
+def idle_gaps(fn, top: int = 12) -> dict:
+    """Run `fn` under the profiler (CPU and GPU): the GPU's busy and idle time, and the longest idle gaps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    cpu_ops = [e for e in events if e.device_type == DeviceType.CPU]
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for start, stop in kernels:
+        if start > end:
+            gaps.append((start - end, end))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    wall = end - kernels[0][0]
+
+    def during(moment: float) -> list[str]:
+        """What the CPU was doing at `moment`, innermost first."""
+        ops = sorted((e for e in cpu_ops if e.time_range.start <= moment <= e.time_range.end), key=lambda e: e.time_range.elapsed_us())
+        return [e.name[:60] for e in ops[:5]]
+
+    gaps.sort(reverse=True)
+    return {
+        "traced_gpu_wall_ms": round(wall / 1000, 1),
+        "traced_gpu_busy_ms": round(busy / 1000, 1),
+        "traced_gpu_idle_ms": round((wall - busy) / 1000, 1),
+        "kernels": len(kernels),
+        "gaps_over_20us": sum(1 for gap, _ in gaps if gap > 20),
+        "idle_in_gaps_over_20us_ms": round(sum(gap for gap, _ in gaps if gap > 20) / 1000, 1),
+        "longest_gaps": [[round(gap / 1000, 2), during(at)] for gap, at in gaps[:top]],
+    }
 
 
 def time_ms(fn, repeats: int = 20) -> float:
@@ -280,7 +456,6 @@ def time_ms(fn, repeats: int = 20) -> float:
 @torch.inference_mode()
 def kernels() -> dict:
     """Single operations at the DiT's shapes: attention kernels, FFN GELU epilogue, RMS norm + RoPE."""
-    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pipeline.attention import flash3_function
@@ -367,6 +542,25 @@ def markdown(results: dict) -> str:
         lines += ["| guidance step on one GPU | step_s | min | warm-up s | difference |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {run['step_s']} | {run['step_s_min']} | {run['warmup_s']} | {run.get('rel_diff_vs_first', '—')} |"
                   for name, run in steps.items()] + [""]
+    loops = {k: v for k, v in results.get("loop", {}).items() if "step_s" in v}
+    if loops:
+        lines += [f"| sampler loop, {LOOP_STEPS} steps | step_s | warm-up s | peak GiB | traced GPU idle ms (of wall) | kernels | latents difference |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {run['step_s']} | {run['warmup_s']} | {run['peak_gib']} | {run['traced_gpu_idle_ms']} "
+                  f"(of {run['traced_gpu_wall_ms']}) | {run['kernels']} | {run.get('latents_rel_diff_vs_first', '—')} |"
+                  for name, run in loops.items()] + [""]
+    held = {k: v for k, v in results.get("sustained", {}).items() if "sustained_tflops" in v}
+    if held:
+        lines += ["| held for 20 s | TFLOP/s in a burst | TFLOP/s, last 5 s | first second |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {run['burst_tflops']} | {run['sustained_tflops']} | {run['tflops_by_second'][0]} |" for name, run in held.items()] + [""]
+    convs = {k: v for k, v in results.get("conv", {}).items() if "ms" in v}
+    if convs:
+        lines += ["| VAE 96-channel convolution, 832x480, 4 frames | ms | convolution kernel | difference |", "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {run['ms']} | {run['top_kernels_ms'][0][0][:60]} | {run.get('rel_diff_vs_conv3d', '—')} |" for name, run in convs.items()] + [""]
+    for name, run in results.get("vae_ops", {}).items():
+        if "ops" in run:
+            lines += [f"| VAE decode ({name}, {run['decode_s']} s): aten op | input shapes | GPU ms | calls |", "| --- | --- | --- | --- |"]
+            lines += [f"| {op} | {shapes[:90]} | {ms} | {calls} |" for op, shapes, ms, calls in run["ops"]] + [""]
     shapes = results.get("kernels", {}).get("shapes", {})
     if shapes:
         lines += ["| single operation at the DiT's shapes | ms or relative difference |", "| --- | --- |"]
@@ -385,7 +579,9 @@ def main() -> None:
     profiler = Profiler(out, args.tag)
     for target in args.targets:
         section, _, name = target.partition(":")
-        names = [name] if name else list({"dit": DIT_VARIANTS, "vae": VAE_VARIANTS, "kernels": ["shapes"], "cfg": CFG_VARIANTS}[section])
+        names = [name] if name else list({"dit": DIT_VARIANTS, "vae": VAE_VARIANTS, "kernels": ["shapes"], "cfg": CFG_VARIANTS,
+                                          "loop": LOOP_VARIANTS, "sustained": SUSTAINED, "conv": CONV_VARIANTS,
+                                          "vae_ops": ["fast"]}[section])
         for variant in names:
             profiler.run(section, variant)
     print(markdown(profiler.results), flush=True)
