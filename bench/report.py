@@ -12,6 +12,7 @@ from pathlib import Path
 
 RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
 BASE = "nvidia-h100-80gb-hbm3-2026-11-26"
+CACHES = "nvidia-h100-80gb-hbm3-2026-11-27-cache-v4"  # step caches, measured again after the fused elementwise DiT
 
 
 def load(name: str) -> dict:
@@ -25,7 +26,7 @@ def end_to_end(run: dict) -> float:
 
 def main() -> None:
     main_run, before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast-v2"), load(f"{BASE}-fast")
-    two_gpus, caches = load(f"{BASE}-fast-v3-cfg"), load(f"{BASE}-fast-2gpu")
+    two_gpus, caches = load(f"{BASE}-fast-v3-cfg"), load(CACHES)
     policies = load(f"{BASE}-policies50-v3-warm")["policies"]
     offload = load(f"{BASE}-policies50-v3")["policies"]["offload"]  # that run's resident was timed cold: no ratio
     cfg, cache = two_gpus["cfg_parallel"], caches["step_cache"]
@@ -43,9 +44,10 @@ def main() -> None:
         ("ours, reference, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-v3-cfg"),
         ("ours, CFG-parallel, 2 GPUs, SDPA + fp32 VAE", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-v3-cfg"),
         ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-v3-cfg"),
-        ("ours, reference, one GPU (2-GPU host, earlier run)", caches["resident"], None, f"{BASE}-fast-2gpu"),
-        ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], caches["resident"], f"{BASE}-fast-2gpu"),
-        ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], caches["resident"], f"{BASE}-fast-2gpu"),
+        ("ours, reference, one GPU (2-GPU host, step-cache run)", caches["resident"], None, CACHES),
+        ("ours, first-block cache 0.05 (opt-in), FA3 + bf16 VAE", cache["first_block_0.05"], caches["resident"], CACHES),
+        ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], caches["resident"], CACHES),
+        ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], caches["resident"], CACHES),
     ]
     print(f"{main_run['device']}, {main_run['date']}; 832x480, 81 frames, 50 steps, guidance 6; random weights of the real shapes.\n")
     print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs reference | result file |")
