@@ -22,7 +22,7 @@ from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
 from pipeline.sampler import CancelCheck, DenoiseRequest, ProgressCallback, denoise
 from pipeline.text import pad_context
-from pipeline.vae import compile_norms, speed_up_decode
+from pipeline.vae import INDUCTOR_OPTIONS, compile_norms, speed_up_decode
 from pipeline.video import Mp4Writer, decode_latents
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,8 @@ class VideoModel:
         """
         if self.step_cache is not None:
             raise ValueError(STEP_CACHE_NOT_COMPILABLE)
-        # Tunes each fused norm/modulation kernel's launch shape at compile time: -1.5 % per DiT
-        # forward on an H100 (bench/profile_gpu.py) for about 30 s more warm-up.
-        torch._inductor.config.coordinate_descent_tuning = True
         for model in filter(None, (self.models.transformer, self.uncond_transformer)):
-            model.compile_repeated_blocks(fullgraph=True)
+            model.compile_repeated_blocks(fullgraph=True, options=INDUCTOR_OPTIONS)
         compile_norms(self.models.vae)
         self.compiled = True
         if warm_params is None:
