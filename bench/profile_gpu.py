@@ -167,7 +167,6 @@ class Profiler:
         self.cfg_model = None
         self.cfg_reference = None
         self.vae_reference = None
-        self.loop_model = None
         self.conv_reference = None
 
     def save(self) -> None:
@@ -279,11 +278,9 @@ class Profiler:
 
     def loop(self, name: str) -> dict:
         """LOOP_STEPS guidance steps at 832x480x81 through `denoise`, as VideoModel.generate runs them."""
-        if self.loop_model is None:
-            torch._dynamo.reset()
-            self.loop_model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
-            self.loop_model.compile()
-        model = self.loop_model
+        torch._dynamo.reset()
+        model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
+        model.compile()
         request = DenoiseRequest(context=self.context, negative_context=self.context.flip(1), frame_num=81, height=480, width=832,
                                  steps=LOOP_STEPS, shift=8.0, guide_scale=6.0, seed=42)
 
