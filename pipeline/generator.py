@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from pipeline.attention import AttentionKernel, resolve_kernel, set_attention_kernel
-from pipeline.dit import fuse_elementwise
+from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
 from pipeline.sampler import CancelCheck, DenoiseRequest, ProgressCallback, denoise
-from pipeline.text import pad_context
 from pipeline.vae import INDUCTOR_OPTIONS, compile_norms, speed_up_decode
 from pipeline.video import Mp4Writer, decode_latents
 
@@ -59,7 +58,7 @@ class VideoModel:
         # Before the CFG-parallel copy below, so both copies run the same kernel.
         self.attention = resolve_kernel(attention, device)
         set_attention_kernel(transformer, self.attention)
-        fuse_elementwise(transformer)  # before placement: the stream policy's offload hooks keep copies of the weights
+        rearrange_blocks(transformer)  # before placement: the stream policy's offload hooks keep copies of the weights
         speed_up_decode(vae, channels_last=device.type == "cuda")
         self.models = PlacedModels(transformer, vae, device, policy)
         self.device = device
@@ -155,8 +154,8 @@ class VideoModel:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         request = DenoiseRequest(
-            context=pad_context(context).unsqueeze(0),
-            negative_context=pad_context(negative_context).unsqueeze(0),
+            context=text_context(self.models.transformer, context),
+            negative_context=text_context(self.models.transformer, negative_context),
             frame_num=params.frame_num,
             height=params.height,
             width=params.width,

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 
+from pipeline.dit import guidance_step
+
 NUM_TRAIN_TIMESTEPS = 1000
 SIGMA_MAX = 0.999  # the official scheduler's first sigma: 1 - 1/num_train_timesteps
 VAE_STRIDE = (4, 8, 8)  # time, height, width
@@ -64,8 +66,8 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> to
 
 @dataclass
 class DenoiseRequest:
-    context: torch.Tensor  # [1, 512, text_dim], zero-padded prompt embeddings
-    negative_context: torch.Tensor  # same shape, for the unconditional pass
+    context: torch.Tensor  # [1, rows, text_dim]: the prompt's embeddings as the DiT takes them (`pipeline.dit.text_context`)
+    negative_context: torch.Tensor  # the same for the unconditional pass
     frame_num: int
     height: int
     width: int
@@ -111,16 +113,19 @@ def denoise(
             model_input = latents.to(dtype)
             timestep = t.expand(latents.shape[0])
             # The official DiT returns float32, so guidance is computed in float32.
-            if side_thread is not None:
-                # Copied from this thread (a copy runs on the source GPU's stream): queued from the side
-                # thread, it could land behind the conditional pass's first kernels.
-                uncond_future = side_thread.submit(predict_uncond, model_input.to(uncond_device), timestep.to(uncond_device))
-            noise_pred = predict_cond(model_input, timestep).float()
-            if use_guidance:
+            with guidance_step(transformer) as second_pass:  # block 0's self-attention, once for both passes
+                if side_thread is not None:
+                    # Copied from this thread (a copy runs on the source GPU's stream): queued from the side
+                    # thread, it could land behind the conditional pass's first kernels.
+                    uncond_future = side_thread.submit(predict_uncond, model_input.to(uncond_device), timestep.to(uncond_device))
+                noise_pred = predict_cond(model_input, timestep).float()
                 if side_thread is not None:
                     noise_uncond = uncond_future.result().to(device).float()
-                else:
+                elif use_guidance:
+                    if uncond_transformer is None:
+                        second_pass()
                     noise_uncond = predict_uncond(model_input, timestep).to(device).float()
+            if use_guidance:
                 noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_progress is not None:
