@@ -260,3 +260,17 @@ def test_block_zero_self_attention_is_computed_once_per_guidance_step(demo_sourc
     assert query_projections == {"shared": 3, "unshared": 6}  # one block-0 self-attention per step, not two
     assert torch.equal(latents["shared"], latents["unshared"])
     assert shared.blocks[0].attn1.processor.kept is None  # nothing held between steps
+
+
+def test_compiled_model_compiles_nothing_more_for_new_prompt_lengths_or_guidance_off(demo_source):
+    """After the replica's warm-up, no request pays for compilation: the context's length is a dynamic size."""
+    from torch._dynamo.utils import counters
+
+    model = VideoModel.load(demo_source, torch.device("cpu"))
+    model.compile(PARAMS)
+    graphs = counters["stats"]["unique_graphs"]
+    embeds = torch.randn(512, model.text_dim, generator=torch.Generator().manual_seed(0))
+    for n_prompt, n_negative, guide_scale in ((5, 39, 6.0), (17, 250, 6.0), (512, 2, 1.0)):
+        params = PARAMS.model_copy(update={"sample_guide_scale": guide_scale})
+        model.generate(params, embeds[:n_prompt], embeds[:n_negative])
+    assert counters["stats"]["unique_graphs"] == graphs
