@@ -14,6 +14,8 @@ Sections (each recorded even if another fails):
   compiled  our path with regional torch.compile of the DiT blocks (warm-up timed separately)
   flash3    our path with FlashAttention-3 instead of SDPA (eager)
   fast      FlashAttention-3 + compiled blocks + bf16 VAE: what a production config runs
+  fast_unshared  the same with block 0's self-attention computed by both guidance passes
+  fast_padded    the same with cross-attention over the 512 zero-padded text rows
   vae       bf16 (plain and as VideoModel runs it with compile on) against fp32 decode of the same
             latents: time, peak memory, pixel error
   policies  offload and stream memory policies, `--policy-steps` steps + decode, peak GPU memory
@@ -41,9 +43,11 @@ import traceback
 from pathlib import Path
 
 import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.dit import HalvesRopeProcessor  # noqa: E402
 from pipeline.generator import VideoModel  # noqa: E402
 from pipeline.memory import MemoryPolicy  # noqa: E402
 from pipeline.params import GenerationParams  # noqa: E402
@@ -57,13 +61,17 @@ DEVICE = torch.device("cuda")
 PROMPT = "A red fox trots through fresh snow at dawn, cinematic, soft light, 4k"  # ~40 umT5 tokens
 GIB = 2**30
 # variant -> (attention kernel, compiled DiT blocks, VAE dtype). Every variant but `reference` runs the
-# DiT as VideoModel does, with pipeline/dit.py's fused elementwise arrangement.
+# DiT as VideoModel does, with pipeline/dit.py's arrangement. Two variants each undo one of its
+# savings, to measure it in the same run: `fast_unshared` computes block 0's self-attention in both
+# passes of a guidance step; `fast_padded` runs cross-attention over the 512 zero-padded text rows (FA3).
 VARIANTS = {
     "reference": ("sdpa", False, torch.float32),  # diffusers' DiT arrangement: what every path is compared with
     "exact": ("sdpa", False, torch.float32),
     "compiled": ("sdpa", True, torch.float32),
     "flash3": ("flash3", False, torch.float32),
     "fast": ("flash3", True, torch.bfloat16),
+    "fast_unshared": ("flash3", True, torch.bfloat16),
+    "fast_padded": ("flash3", True, torch.bfloat16),
     # Step caches: diffusers' cache hooks keep Python state per block, which a fullgraph compile cannot trace.
     "fast_eager": ("flash3", False, torch.bfloat16),
 }
@@ -164,14 +172,19 @@ class Bench:
         import pipeline.generator as generator_module
 
         attention, compiled, vae_dtype = VARIANTS[variant]
-        fuse = generator_module.fuse_elementwise
+        rearrange = generator_module.rearrange_blocks
         if variant == "reference":
-            generator_module.fuse_elementwise = lambda transformer: None
+            generator_module.rearrange_blocks = lambda transformer: None
         try:
             model = VideoModel(dit if dit is not None else build_dit(), vae if vae is not None else build_vae(vae_dtype), DEVICE,
                                policy, torch.device("cuda:1") if two_gpus else None, attention=attention)
         finally:
-            generator_module.fuse_elementwise = fuse
+            generator_module.rearrange_blocks = rearrange
+        if variant == "fast_unshared":
+            model.models.transformer.blocks[0].attn1.processor.__class__ = HalvesRopeProcessor
+        if variant == "fast_padded":  # VideoModel then pads the text to 512 rows (pipeline.dit.text_context)
+            for block in model.models.transformer.blocks:
+                block.attn2.processor.__class__ = WanAttnProcessor
         if compiled:
             self.warmup_s = model.compile(self.params)
         else:
@@ -185,7 +198,7 @@ class Bench:
         """One generation through VideoModel into an MP4 file, with per-step timestamps and the final latents."""
         import pipeline.generator as generator_module
 
-        stamps: list[float] = []
+        stamps: list[torch.cuda.Event] = []  # recorded on the GPU stream: a per-step sync would idle the GPU between steps
         captured = {}
         decode = generator_module.decode_latents
 
@@ -195,8 +208,8 @@ class Bench:
 
         def on_progress(phase, step, total):
             if phase == "denoise":
-                torch.cuda.synchronize()
-                stamps.append(time.perf_counter())
+                stamps.append(torch.cuda.Event(enable_timing=True))
+                stamps[-1].record()
 
         generator_module.decode_latents = capture
         with tempfile.TemporaryDirectory() as folder:
@@ -207,7 +220,7 @@ class Bench:
             finally:
                 generator_module.decode_latents = decode
         steps = len(stamps)
-        per_step = (stamps[-1] - stamps[0]) / (steps - 1) if steps > 1 else result.timings["denoise"]
+        per_step = stamps[0].elapsed_time(stamps[-1]) / 1000 / (steps - 1) if steps > 1 else result.timings["denoise"]
         return {
             "steps": steps,
             "per_step_s": round(per_step, 4),
@@ -281,8 +294,8 @@ class Bench:
         stamps, captured = [], {}
 
         def on_step(_pipe, i, t, kwargs):
-            torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
+            stamps.append(torch.cuda.Event(enable_timing=True))  # as in run_ours: no per-step sync
+            stamps[-1].record()
             captured["latents"] = kwargs["latents"]
             return kwargs
 
@@ -298,10 +311,11 @@ class Bench:
             started = time.perf_counter()
             write_mp4(frames, Path(folder) / "video.mp4")
             mp4_s = time.perf_counter() - started
+        first_to_last, first_step = stamps[0].elapsed_time(stamps[-1]) / 1000, stamps[0].elapsed_time(stamps[1]) / 1000
         run = {
-            "per_step_s": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 4),
+            "per_step_s": round(first_to_last / (len(stamps) - 1), 4),
             "generate_s": round(total_s, 2),
-            "decode_and_postprocess_s": round(total_s - (stamps[-1] - stamps[0]) - (stamps[1] - stamps[0]), 2),
+            "decode_and_postprocess_s": round(total_s - first_to_last - first_step, 2),
             "mp4_write_s": round(mp4_s, 2),
             "peak_gib": peak_gib(),
         }
@@ -345,6 +359,12 @@ class Bench:
 
     def fast(self) -> dict:
         return self.variant_run("fast")
+
+    def fast_unshared(self) -> dict:
+        return self.variant_run("fast_unshared")
+
+    def fast_padded(self) -> dict:
+        return self.variant_run("fast_padded")
 
     def vae(self) -> dict:
         if self.reference_latents is None:
@@ -442,7 +462,9 @@ def markdown(results: dict) -> str:
         f"| diffusers WanPipeline | {get('diffusers', 'per_step_s')} | {get('diffusers', 'generate_s')} | {get('diffusers', 'end_to_end_s')} | {get('diffusers', 'peak_gib')} | (default schedule: {get('resident', 'latents_rel_diff_vs_diffusers_default_schedule')}) |",
         f"| ours, resident (exact reference) | {get('resident', 'per_step_s')} | {get('resident', 'generate_s')} | {get('resident', 'end_to_end_s')} | {get('resident', 'peak_gib')} | 0 |",
     ]
-    for section, name in (("compiled", "compiled blocks"), ("flash3", "FlashAttention-3"), ("fast", "FA3 + compiled + bf16 VAE")):
+    for section, name in (("compiled", "compiled blocks"), ("flash3", "FlashAttention-3"), ("fast", "FA3 + compiled + bf16 VAE"),
+                          ("fast_unshared", "the same, block-0 self-attention not shared"),
+                          ("fast_padded", "the same, cross-attention over 512 padded rows")):
         lines.append(f"| ours, {name} | {get(section, 'per_step_s')} | {get(section, 'generate_s')} | {get(section, 'end_to_end_s')} | "
                      f"{get(section, 'peak_gib')} | {get(section, 'latents_rel_error_vs_reference')} |")
     lines.append("")

@@ -9,17 +9,19 @@ one GPU, in turn or on two CUDA streams. `loop`: the sampler loop as VideoModel 
 seconds per step, then one traced run's GPU idle time and its longest gaps with the CPU work going
 on. `sustained`: the DiT's big GEMM and FA3 self-attention held for 20 s, TFLOP/s per second (an H100
 SXM holds 700 W by lowering its clock). `conv`: the VAE's costliest convolution computed other ways.
-`vae_ops`: the decode's GPU time by aten op and shape.
+`vae_ops`: the decode's GPU time by aten op and shape. `cross`: cross-attention over the prompt's
+512 padded rows or over its real tokens plus padding as a logit bias (pipeline/dit.py), by kernel.
 
 Writes `<out>/profile-<device>-<date>[-tag].json` and `.md` after every variant, so a run cut short
 keeps what it measured.
 
-Usage (on the GPU machine): python bench/profile_gpu.py [--out DIR] [--tag T] [kernels | dit | vae | cfg | dit:VARIANT ...]
+Usage (on the GPU machine): python bench/profile_gpu.py [--out DIR] [--tag T] [kernels | dit | vae | cfg | loop | cross | ... | dit:VARIANT ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import DEVICE, build_dit, build_vae, relative_error, reset_memory, synced  # noqa: E402
 
 from pipeline.attention import set_attention_kernel  # noqa: E402
-from pipeline.dit import fuse_elementwise, linear_gelu_tanh, rotate_halves  # noqa: E402
+from pipeline.dit import HalvesRopeProcessor, linear_gelu_tanh, rearrange_blocks, rotate_halves, text_context  # noqa: E402
 from pipeline.generator import VideoModel  # noqa: E402
 from pipeline.sampler import DenoiseRequest, denoise  # noqa: E402
 from pipeline.vae import channels_last_weights, compile_norms, pad_inside_convolutions, speed_up_decode  # noqa: E402
@@ -100,7 +102,7 @@ DIT_VARIANTS = {
     # coordinate-descent tuning of the fused elementwise kernels
     "fa3_compiled_cd": ((), "default", {"coordinate_descent_tuning": True}),
     # GELU in the up-projection's epilogue and (evens, odds) RoPE heads (pipeline/dit.py)
-    "fa3_compiled_cd_fused_elementwise": ((fuse_elementwise,), "default", {"coordinate_descent_tuning": True}),
+    "fa3_compiled_cd_rearranged": ((rearrange_blocks,), "default", {"coordinate_descent_tuning": True}),
 }
 def cudnn_benchmark(_vae) -> None:
     """cuDNN times its algorithms for each new convolution shape instead of going by heuristics."""
@@ -126,13 +128,24 @@ CFG_VARIANTS = ("sequential", "two_streams")
 
 # The sampler loop of a compiled VideoModel. (A run on 2026-11-26 also replayed each forward from a
 # CUDA graph: 0.8942 against 0.8953 s per step, because the GPU idles only 0.8 % of the loop. Not kept.)
-LOOP_VARIANTS = ("compiled",)
+# `unshared`: block 0's self-attention computed by both passes of a guidance step, as before
+# `SharedSelfAttentionProcessor`.
+LOOP_VARIANTS = ("compiled", "unshared")
 LOOP_STEPS = 10
 
 # Held for SUSTAIN_S seconds, as the 100 forwards of a video hold them: the DiT's FFN up-projection GEMM
 # and its FA3 self-attention. An H100 SXM caps its power at 700 W and lowers its clock to stay there.
 SUSTAINED = ("ffn_gemm", "fa3_self_attention")
 SUSTAIN_S = 20.0
+
+# Cross-attention of 32,760 video tokens over a 40-token prompt. diffusers pads the text to 512 tokens;
+# the 472 padding rows are equal, so their keys and values are too, and attention over them equals
+# attention over one of them with log(472) added to its logit. `<kernel>_<keys>`: fa3 over the 512
+# keys (the reference), fa3 over the first 41 (a lower bound, not the same function), then one
+# padding key with that bias through SDPA's default choice, its efficient or cuDNN kernel, or a
+# compiled flex_attention (bias added in fp32).
+CROSS_VARIANTS = ("fa3_512", "fa3_41", "cudnn_512", "sdpa_41", "efficient_41", "cudnn_41", "flex_41", "math_41")
+CROSS_REAL_TOKENS = 40
 
 # The VAE's full-resolution 96-channel 3x3x3 convolution (four output frames after two cached ones),
 # computed four ways: cuDNN conv3d; conv3d with the output channels zero-padded to 128 (then sliced);
@@ -157,17 +170,20 @@ class Profiler:
             "loop": {},
             "sustained": {},
             "conv": {},
+            "cross": {},
             "vae_ops": {},
         }
         generator = torch.Generator().manual_seed(0)
         self.latents = torch.randn(1, 16, 21, 60, 104, generator=generator).to(DEVICE)
-        self.context = (torch.randn(1, 512, 4096, generator=generator) * 0.1).to(DEVICE, torch.bfloat16)
+        # Real-token embeddings of a 40-token prompt and a 120-token negative prompt, as the text stage returns them.
+        self.prompt, self.negative_prompt = (torch.randn(160, 4096, generator=generator) * 0.1).to(DEVICE, torch.bfloat16).split([40, 120])
         self.timestep = torch.tensor([500.0], device=DEVICE)
         self.dit_reference: torch.Tensor | None = None
         self.cfg_model = None
         self.cfg_reference = None
         self.vae_reference = None
-        self.conv_reference = None
+        self.references: dict[str, torch.Tensor] = {}  # section -> its first variant's output
+        self.loop_latents = None
 
     def save(self) -> None:
         slug = re.sub(r"[^a-z0-9]+", "-", self.results["device"].lower()).strip("-")
@@ -187,11 +203,11 @@ class Profiler:
             change(model)
         if mode is not None:
             model.compile_repeated_blocks(fullgraph=True, mode=mode)
-        hidden = self.latents.to(torch.bfloat16)
+        hidden, context = self.latents.to(torch.bfloat16), text_context(model, self.prompt)
 
         @torch.inference_mode()
         def forward():
-            return model(hidden_states=hidden, timestep=self.timestep, encoder_hidden_states=self.context, return_dict=False)[0]
+            return model(hidden_states=hidden, timestep=self.timestep, encoder_hidden_states=context, return_dict=False)[0]
 
         output, warmup_s = synced(forward)
         forward()
@@ -239,10 +255,10 @@ class Profiler:
             torch._inductor.config.coordinate_descent_tuning = True
             self.cfg_model = build_dit()
             set_attention_kernel(self.cfg_model, "flash3")
-            fuse_elementwise(self.cfg_model)
+            rearrange_blocks(self.cfg_model)
             self.cfg_model.compile_repeated_blocks(fullgraph=True)
         model, hidden = self.cfg_model, self.latents.to(torch.bfloat16)
-        negative = self.context.flip(1)
+        positive, negative = text_context(model, self.prompt), text_context(model, self.negative_prompt)
 
         @torch.inference_mode()
         def forward(context):
@@ -257,10 +273,10 @@ class Profiler:
 
         def step():
             if name == "sequential":
-                return forward(self.context), forward(negative)
+                return forward(positive), forward(negative)
             side_stream.wait_stream(torch.cuda.current_stream())
             uncond = side_thread.submit(on_side_stream)
-            cond = forward(self.context)
+            cond = forward(positive)
             result = uncond.result()
             torch.cuda.current_stream().wait_stream(side_stream)
             return cond, result
@@ -280,17 +296,24 @@ class Profiler:
         """LOOP_STEPS guidance steps at 832x480x81 through `denoise`, as VideoModel.generate runs them."""
         torch._dynamo.reset()
         model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
+        if name == "unshared":
+            model.models.transformer.blocks[0].attn1.processor.__class__ = HalvesRopeProcessor
         model.compile()
-        request = DenoiseRequest(context=self.context, negative_context=self.context.flip(1), frame_num=81, height=480, width=832,
-                                 steps=LOOP_STEPS, shift=8.0, guide_scale=6.0, seed=42)
+        transformer = model.models.transformer
+        request = DenoiseRequest(context=text_context(transformer, self.prompt), negative_context=text_context(transformer, self.negative_prompt),
+                                 frame_num=81, height=480, width=832, steps=LOOP_STEPS, shift=8.0, guide_scale=6.0, seed=42)
 
         def sample(steps: int) -> torch.Tensor:
-            return denoise(model.models.transformer, dataclasses.replace(request, steps=steps), DEVICE)
+            return denoise(transformer, dataclasses.replace(request, steps=steps), DEVICE)
 
         reset_memory()
         _, warmup_s = synced(lambda: sample(2))  # compiles
-        _, seconds = synced(lambda: sample(LOOP_STEPS))
+        latents, seconds = synced(lambda: sample(LOOP_STEPS))
         run = {"warmup_s": round(warmup_s, 1), "step_s": round(seconds / LOOP_STEPS, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        if self.loop_latents is None:
+            self.loop_latents = latents
+        else:
+            run["latents_rel_diff_vs_first"] = relative_error(latents, self.loop_latents)
         run.update(idle_gaps(lambda: sample(3)))
         return run
 
@@ -320,6 +343,64 @@ class Profiler:
             windows.append(round(calls * flop / (begin.elapsed_time(end) / 1000) / 1e12, 1))
         return {"burst_tflops": round(flop / (per_call_ms / 1000) / 1e12, 1), "tflops_by_second": windows,
                 "sustained_tflops": round(sum(windows[-5:]) / len(windows[-5:]), 1)}
+
+    @torch.inference_mode()
+    def cross(self, name: str) -> dict:
+        """One cross-attention at the DiT's shape (see CROSS_VARIANTS), its difference from fa3 over 512 keys."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from pipeline.attention import flash3_function
+
+        kernel, keys = name.rsplit("_", 1)
+        generator = torch.Generator().manual_seed(0)
+        tokens, heads, dim, real = 32760, 12, 128, CROSS_REAL_TOKENS
+        q, k_real, v_real, k_pad, v_pad = (torch.randn(1, n, heads, dim, generator=generator).to(DEVICE, torch.bfloat16)
+                                           for n in (tokens, real, real, 1, 1))
+        k_full = torch.cat([k_real, k_pad.expand(1, 512 - real, heads, dim)], dim=1)
+        v_full = torch.cat([v_real, v_pad.expand(1, 512 - real, heads, dim)], dim=1)
+        fa3 = flash3_function()
+        if kernel == "fa3":
+            return self.cross_run(name, lambda: fa3(q, k_full[:, :int(keys)], v_full[:, :int(keys)]))
+        qt = q.transpose(1, 2)
+        if keys == "512":
+            k, v, bias = k_full.transpose(1, 2), v_full.transpose(1, 2), torch.zeros(512, device=DEVICE)
+        else:
+            k, v = (torch.cat([x_real, x_pad], dim=1).transpose(1, 2) for x_real, x_pad in ((k_real, k_pad), (v_real, v_pad)))
+            bias = torch.zeros(real + 1, device=DEVICE)
+            bias[-1] = float(np.log(512 - real))
+        if kernel == "flex":
+            compiled = torch.compile(flex_attention, fullgraph=True)
+            return self.cross_run(name, lambda: compiled(qt, k, v, score_mod=lambda score, b, h, q_idx, kv_idx: score + bias[kv_idx]).transpose(1, 2))
+        if kernel == "math":
+            def attend(qt, k, v):
+                scores = (qt @ k.transpose(-1, -2)).float() * dim**-0.5 + bias
+                return (scores.softmax(dim=-1).to(v.dtype) @ v).transpose(1, 2)
+
+            return self.cross_run(name, partial(torch.compile(attend, fullgraph=True), qt, k, v))
+        mask = bias.to(torch.bfloat16)[None, None, None, :] if keys != "512" else None
+        backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(kernel)
+
+        def work():
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(qt, k, v, attn_mask=mask).transpose(1, 2)
+
+        return self.cross_run(name, work)
+
+    def cross_run(self, name: str, work) -> dict:
+        output = work()
+        run = {"ms": time_ms(work, repeats=20)}
+        run.update(self.compared_with_first("cross", name, output[0] if isinstance(output, tuple) else output))
+        run.update(kernel_profile(work, repeats=2))
+        return run
+
+    def compared_with_first(self, section: str, name: str, output: torch.Tensor) -> dict:
+        """The relative difference of `output` from the section's first variant's (which becomes the reference)."""
+        first = {"cross": CROSS_VARIANTS, "conv": CONV_VARIANTS}[section][0]
+        if name == first:
+            self.references[section] = output.float()
+            return {}
+        return {f"rel_diff_vs_{first}": relative_error(output.float(), self.references[section])}
 
     def conv(self, name: str) -> dict:
         """One VAE convolution at its full-resolution shape (see CONV_VARIANTS); output difference from conv3d."""
@@ -351,10 +432,7 @@ class Profiler:
                 return out.transpose(0, 1).unsqueeze(0)
         output = work()
         run = {"ms": time_ms(work, repeats=10), "output_strides": list(output.stride())}
-        if name == "conv3d":
-            self.conv_reference = output.float()
-        else:
-            run["rel_diff_vs_conv3d"] = relative_error(output.float(), self.conv_reference)
+        run.update(self.compared_with_first("conv", name, output))
         run.update(kernel_profile(work, repeats=1))
         return run
 
@@ -550,6 +628,12 @@ def markdown(results: dict) -> str:
     if convs:
         lines += ["| VAE 96-channel convolution, 832x480, 4 frames | ms | convolution kernel | difference |", "| --- | --- | --- | --- |"]
         lines += [f"| {name} | {run['ms']} | {run['top_kernels_ms'][0][0][:60]} | {run.get('rel_diff_vs_conv3d', '—')} |" for name, run in convs.items()] + [""]
+    crosses = {k: v for k, v in results.get("cross", {}).items() if "ms" in v}
+    if crosses:
+        lines += [f"| cross-attention, 32,760 tokens over {CROSS_REAL_TOKENS} text tokens | ms | attention kernel | difference |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {name} | {run['ms']} | {run['top_kernels_ms'][0][0][:60]} | {run.get('rel_diff_vs_fa3_512', '—')} |"
+                  for name, run in crosses.items()] + [""]
     for name, run in results.get("vae_ops", {}).items():
         if "ops" in run:
             lines += [f"| VAE decode ({name}, {run['decode_s']} s): aten op | input shapes | GPU ms | calls |", "| --- | --- | --- | --- |"]
@@ -573,7 +657,7 @@ def main() -> None:
     for target in args.targets:
         section, _, name = target.partition(":")
         names = [name] if name else list({"dit": DIT_VARIANTS, "vae": VAE_VARIANTS, "kernels": ["shapes"], "cfg": CFG_VARIANTS,
-                                          "loop": LOOP_VARIANTS, "sustained": SUSTAINED, "conv": CONV_VARIANTS,
+                                          "loop": LOOP_VARIANTS, "sustained": SUSTAINED, "conv": CONV_VARIANTS, "cross": CROSS_VARIANTS,
                                           "vae_ops": ["fast"]}[section])
         for variant in names:
             profiler.run(section, variant)
