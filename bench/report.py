@@ -12,6 +12,10 @@ from pathlib import Path
 
 RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
 BASE = "nvidia-h100-80gb-hbm3-2026-11-26"
+MAIN = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-reversed"  # the current DiT; fast measured last in its run
+SAME_MACHINE = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5"  # minutes earlier, fast measured first
+OTHER_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v4"  # another H100, block-0 sharing only
+TWO_GPUS = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-cfg"  # a third host: one GPU and CFG-parallel, current DiT
 CACHES = "nvidia-h100-80gb-hbm3-2026-11-27-cache-v4"  # step caches, measured again after the fused elementwise DiT
 
 
@@ -25,25 +29,36 @@ def end_to_end(run: dict) -> float:
 
 
 def main() -> None:
-    main_run, before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast-v2"), load(f"{BASE}-fast")
-    two_gpus, caches = load(f"{BASE}-fast-v3-cfg"), load(CACHES)
+    main_run, same_machine, other_host = load(MAIN), load(SAME_MACHINE), load(OTHER_HOST)
+    before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast")
+    two_gpus, two_gpus_before, caches = load(TWO_GPUS), load(f"{BASE}-fast-v3-cfg"), load(CACHES)
     policies = load(f"{BASE}-policies50-v3-warm")["policies"]
     offload = load(f"{BASE}-policies50-v3")["policies"]["offload"]  # that run's resident was timed cold: no ratio
-    cfg, cache = two_gpus["cfg_parallel"], caches["step_cache"]
+    cfg, cfg_before, cache = two_gpus["cfg_parallel"], two_gpus_before["cfg_parallel"], caches["step_cache"]
     rows = [
-        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, f"{BASE}-fast-v3"),
-        ("ours, reference (SDPA, eager, fp32 VAE)", main_run["resident"], main_run["diffusers"], f"{BASE}-fast-v3"),
-        ("ours, fast: FA3 + compiled + fused elementwise + bf16 VAE", main_run["fast"], main_run["diffusers"], f"{BASE}-fast-v3"),
-        ("diffusers WanPipeline (baseline, earlier run)", before_run["diffusers"], None, f"{BASE}-fast-v2"),
-        ("ours, fast before the fused elementwise DiT and bf16 upsampling", before_run["fast"], before_run["diffusers"], f"{BASE}-fast-v2"),
+        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, MAIN),
+        ("ours, reference (SDPA, eager, fp32 VAE)", main_run["resident"], main_run["diffusers"], MAIN),
+        ("ours, fast: FA3 + compiled + rearranged DiT + bf16 VAE", main_run["fast"], main_run["diffusers"], MAIN),
+        ("ours, fast, block 0's self-attention in both guidance passes", main_run["fast_unshared"], main_run["diffusers"], MAIN),
+        ("ours, fast, cross-attention over 512 padded text rows", main_run["fast_padded"], main_run["diffusers"], MAIN),
+        ("diffusers WanPipeline (baseline, same machine, other order)", same_machine["diffusers"], None, SAME_MACHINE),
+        ("ours, fast (measured first)", same_machine["fast"], same_machine["diffusers"], SAME_MACHINE),
+        ("diffusers WanPipeline (baseline, another H100)", other_host["diffusers"], None, OTHER_HOST),
+        ("ours, fast, block 0 shared, cross-attention over 512 rows (another H100)", other_host["fast"], other_host["diffusers"], OTHER_HOST),
+        ("ours, fast, block 0 not shared, 512 rows (another H100)", other_host["fast_unshared"], other_host["diffusers"], OTHER_HOST),
+        ("diffusers WanPipeline (baseline, earlier run)", before_run["diffusers"], None, f"{BASE}-fast-v3"),
+        ("ours, fast before sharing block 0 and compact cross-attention", before_run["fast"], before_run["diffusers"], f"{BASE}-fast-v3"),
         ("diffusers WanPipeline (baseline, first run)", first_run["diffusers"], None, f"{BASE}-fast"),
         ("ours, compiled DiT blocks (SDPA, fp32 VAE)", first_run["compiled"], first_run["diffusers"], f"{BASE}-fast"),
         ("ours, FlashAttention-3 (eager, fp32 VAE)", first_run["flash3"], first_run["diffusers"], f"{BASE}-fast"),
         ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50-v3-warm"),
         ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50-v3-warm"),
-        ("ours, reference, one GPU (2-GPU host)", two_gpus["resident"], None, f"{BASE}-fast-v3-cfg"),
-        ("ours, CFG-parallel, 2 GPUs, SDPA + fp32 VAE", cfg["exact"], two_gpus["resident"], f"{BASE}-fast-v3-cfg"),
-        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], f"{BASE}-fast-v3-cfg"),
+        ("ours, reference, one GPU (2-GPU host)", two_gpus["resident"], None, TWO_GPUS),
+        ("ours, fast, one GPU (2-GPU host)", two_gpus["fast"], two_gpus["resident"], TWO_GPUS),
+        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], TWO_GPUS),
+        ("ours, reference, one GPU (2-GPU host, earlier run)", two_gpus_before["resident"], None, f"{BASE}-fast-v3-cfg"),
+        ("ours, CFG-parallel, 2 GPUs, SDPA + fp32 VAE", cfg_before["exact"], two_gpus_before["resident"], f"{BASE}-fast-v3-cfg"),
+        ("ours, CFG-parallel, 2 GPUs, fast (before the two savings)", cfg_before["fast"], two_gpus_before["resident"], f"{BASE}-fast-v3-cfg"),
         ("ours, reference, one GPU (2-GPU host, step-cache run)", caches["resident"], None, CACHES),
         ("ours, first-block cache 0.05 (opt-in), FA3 + bf16 VAE", cache["first_block_0.05"], caches["resident"], CACHES),
         ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], caches["resident"], CACHES),
@@ -58,9 +73,9 @@ def main() -> None:
         error = run.get("latents_rel_error_vs_reference")
         is_reference = "official_sigmas_first_last" in run  # a `resident` section: the run's reference path
         error = "0 (reference)" if is_reference else ("—" if error is None else f"{error:.3g}")
-        print(f"| {name} | {run['per_step_s']:.3f} | {e2e:.1f} | {ratio} | {run['peak_gib']} | {error} | `{source}.json` |")
+        print(f"| {name} | {run['per_step_s']:.3f} | {e2e:.2f} | {ratio} | {run['peak_gib']} | {error} | `{source}.json` |")
     text = main_run["text"]
-    vae = main_run["vae"]
+    vae = before_run["vae"]  # the VAE decode has not changed since
     print(
         f"\numT5-XXL, 40-token prompt: {text['cpu_bfloat16_16threads_s']} s on 16 CPU cores in bf16 "
         f"(fp32 {text['cpu_float32_16threads_s']} s), {text['gpu_40_tokens_s']} s on the GPU, {text['cache_hit_s'] * 1000:.2f} ms "
