@@ -16,6 +16,7 @@ MAIN = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-reversed"  # the current DiT; f
 SAME_MACHINE = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5"  # minutes earlier, fast measured first
 OTHER_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v4"  # another H100, block-0 sharing only
 TWO_GPUS = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-cfg"  # a third host: one GPU and CFG-parallel, current DiT
+FOURTH_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-host-d"  # a fourth host, current DiT
 CACHES = "nvidia-h100-80gb-hbm3-2026-11-27-cache-v4"  # step caches, measured again after the fused elementwise DiT
 
 
@@ -29,7 +30,7 @@ def end_to_end(run: dict) -> float:
 
 
 def main() -> None:
-    main_run, same_machine, other_host = load(MAIN), load(SAME_MACHINE), load(OTHER_HOST)
+    main_run, same_machine, other_host, fourth_host = load(MAIN), load(SAME_MACHINE), load(OTHER_HOST), load(FOURTH_HOST)
     before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast")
     two_gpus, two_gpus_before, caches = load(TWO_GPUS), load(f"{BASE}-fast-v3-cfg"), load(CACHES)
     policies = load(f"{BASE}-policies50-v3-warm")["policies"]
@@ -43,6 +44,9 @@ def main() -> None:
         ("ours, fast, cross-attention over 512 padded text rows", main_run["fast_padded"], main_run["diffusers"], MAIN),
         ("diffusers WanPipeline (baseline, same machine, other order)", same_machine["diffusers"], None, SAME_MACHINE),
         ("ours, fast (measured first)", same_machine["fast"], same_machine["diffusers"], SAME_MACHINE),
+        ("diffusers WanPipeline (baseline, a fourth H100)", fourth_host["diffusers"], None, FOURTH_HOST),
+        ("ours, reference (a fourth H100)", fourth_host["resident"], fourth_host["diffusers"], FOURTH_HOST),
+        ("ours, fast (a fourth H100)", fourth_host["fast"], fourth_host["diffusers"], FOURTH_HOST),
         ("diffusers WanPipeline (baseline, another H100)", other_host["diffusers"], None, OTHER_HOST),
         ("ours, fast, block 0 shared, cross-attention over 512 rows (another H100)", other_host["fast"], other_host["diffusers"], OTHER_HOST),
         ("ours, fast, block 0 not shared, 512 rows (another H100)", other_host["fast_unshared"], other_host["diffusers"], OTHER_HOST),
