@@ -122,8 +122,7 @@ def denoise(
                 if side_thread is not None:
                     noise_uncond = uncond_future.result().to(device).float()
                 elif use_guidance:
-                    if uncond_transformer is None:
-                        second_pass()
+                    second_pass()  # (a CFG-parallel copy's first, sequential run keeps its own block 0)
                     noise_uncond = predict_uncond(model_input, timestep).to(device).float()
             if use_guidance:
                 noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
