@@ -183,7 +183,6 @@ class Profiler:
         self.cfg_reference = None
         self.vae_reference = None
         self.references: dict[str, torch.Tensor] = {}  # section -> its first variant's output
-        self.loop_latents = None
 
     def save(self) -> None:
         slug = re.sub(r"[^a-z0-9]+", "-", self.results["device"].lower()).strip("-")
@@ -310,10 +309,7 @@ class Profiler:
         _, warmup_s = synced(lambda: sample(2))  # compiles
         latents, seconds = synced(lambda: sample(LOOP_STEPS))
         run = {"warmup_s": round(warmup_s, 1), "step_s": round(seconds / LOOP_STEPS, 4), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        if self.loop_latents is None:
-            self.loop_latents = latents
-        else:
-            run["latents_rel_diff_vs_first"] = relative_error(latents, self.loop_latents)
+        run.update(self.compared_with_first("loop", name, latents))
         run.update(idle_gaps(lambda: sample(3)))
         return run
 
@@ -396,7 +392,7 @@ class Profiler:
 
     def compared_with_first(self, section: str, name: str, output: torch.Tensor) -> dict:
         """The relative difference of `output` from the section's first variant's (which becomes the reference)."""
-        first = {"cross": CROSS_VARIANTS, "conv": CONV_VARIANTS}[section][0]
+        first = {"cross": CROSS_VARIANTS, "conv": CONV_VARIANTS, "loop": LOOP_VARIANTS}[section][0]
         if name == first:
             self.references[section] = output.float()
             return {}
@@ -618,7 +614,7 @@ def markdown(results: dict) -> str:
         lines += [f"| sampler loop, {LOOP_STEPS} steps | step_s | warm-up s | peak GiB | traced GPU idle ms (of wall) | kernels | latents difference |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {run['step_s']} | {run['warmup_s']} | {run['peak_gib']} | {run['traced_gpu_idle_ms']} "
-                  f"(of {run['traced_gpu_wall_ms']}) | {run['kernels']} | {run.get('latents_rel_diff_vs_first', '—')} |"
+                  f"(of {run['traced_gpu_wall_ms']}) | {run['kernels']} | {run.get('rel_diff_vs_compiled', '—')} |"
                   for name, run in loops.items()] + [""]
     held = {k: v for k, v in results.get("sustained", {}).items() if "sustained_tflops" in v}
     if held:
