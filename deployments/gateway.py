@@ -1,8 +1,9 @@
 """Gateway deployment: the FastAPI ingress that maps each request onto the two model stages.
 
 Request path, in one direction: validate -> precedence -> job store -> runner -> text encoder
-handle -> generator handle (streamed progress) -> files + job store. Jobs are durable rows, so the
-asynchronous API, the synchronous endpoint, the web page and the CLI all share one machinery.
+handle, and at once the generator handle with references to the encodes (streamed progress) ->
+files + job store. Jobs are durable rows, so the asynchronous API, the synchronous endpoint, the
+web page and the CLI all share one machinery.
 """
 
 
@@ -556,12 +557,15 @@ class Gateway:
         try:
             if not self._progress(job_id, owner, phase="text_encode"):
                 return
-            encoded = await self.encoders[job["text_encoder"]].encode.remote(job["prompt"], work["negative_prompt"])
-            timings["text_encode"] = encoded["seconds"]
-            if not self._progress(job_id, owner, phase="denoise", progress=progress_percent("denoise", 0, 1)):
-                return  # cancelled while its prompt was encoded: the generator never sees it
+            # The generator gets references to the two encodes, not their results, and starts at once:
+            # step 1's unconditional pass needs only the negative prompt (nearly always cached) and
+            # runs while the prompt is still encoding. Serve's documented way to hand a call's result
+            # on unresolved is `_to_object_ref`.
+            encoder = self.encoders[job["text_encoder"]]
+            prompt = await encoder.encode.remote(job["prompt"])._to_object_ref()
+            negative = await encoder.encode.remote(work["negative_prompt"])._to_object_ref()
             stream = self.generator.options(stream=True).generate.remote(
-                {"params": work["params"], "context": encoded["context"], "negative_context": encoded["negative_context"]}
+                {"params": work["params"], "context": prompt, "negative_context": negative}
             )
             self.running[job_id] = stream
             result = None
@@ -573,6 +577,7 @@ class Gateway:
                 if not self._progress(job_id, owner, phase=event["phase"], step=step, progress=progress_percent(event["phase"], event["step"], event["total"])):
                     stream.cancel()  # cancelled or deleted elsewhere
                     return
+            timings["text_encode"] = (await prompt)["seconds"]
             timings.update(result["timings"])
             await self._complete(job_id, owner, result, timings)
             log.info("job %s completed in %.1fs (request %s)", job_id, time.time() - started, job["request_id"])

@@ -73,7 +73,11 @@ class VideoGenerator:
         self.metrics = GeneratorMetrics()
 
     async def generate(self, job: dict):
-        """job = {"params": dict, "context": Tensor, "negative_context": Tensor}; yields event dicts."""
+        """job = {"params": dict, "context": ObjectRef, "negative_context": ObjectRef}; yields event dicts.
+
+        The references are to TextEncoder.encode results, possibly still being computed: the
+        negative prompt's is waited for first, the prompt's only after step 1's unconditional pass.
+        """
         params = GenerationParams(**job["params"])
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict] = asyncio.Queue()
@@ -87,11 +91,12 @@ class VideoGenerator:
 
         def run() -> dict:
             with self._running:
+                on_progress("denoise", 0, params.sample_steps)  # this replica has the job: the GPU starts now
                 self.model.models.switch(self._policy_for(params))
                 with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
                     result = freeing_memory_on_oom(
-                        lambda: self.model.generate(params, job["context"], job["negative_context"], on_progress,
-                                                    cancelled.is_set, video_path=Path(folder) / "video.mp4"),
+                        lambda: self.model.generate(params, lambda: _embeddings(job["context"]), _embeddings(job["negative_context"]),
+                                                    on_progress, cancelled.is_set, video_path=Path(folder) / "video.mp4"),
                         self.model.device,
                     )
                     mp4 = result.video_path.read_bytes()
@@ -138,6 +143,11 @@ class VideoGenerator:
             "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "busy": self._running.locked(),
         }
+
+
+def _embeddings(encoded: ray.ObjectRef) -> torch.Tensor:
+    """Blocks this (worker) thread until the encode is done; its error, if any, is the job's."""
+    return ray.get(encoded)["embeddings"]
 
 
 def _jpeg(frame) -> bytes:

@@ -53,7 +53,7 @@ class GatewayMetrics:
 class TextEncoderMetrics:
     def __init__(self):
         self.seconds = metrics.Histogram(
-            "wan_t2v_text_encode_seconds", description="Seconds to encode a prompt and its negative prompt.", boundaries=PHASE_BUCKETS
+            "wan_t2v_text_encode_seconds", description="Seconds to encode one text, a prompt or a negative prompt (cache hits included).", boundaries=PHASE_BUCKETS
         )
         self.hits = metrics.Counter("wan_t2v_prompt_cache_hits", description="Prompts served from the encoder's cache.")
         self.misses = metrics.Counter("wan_t2v_prompt_cache_misses", description="Prompts the encoder had to run.")
@@ -77,14 +77,15 @@ class GeneratorMetrics:
         )
 
     def step_timer(self):
-        """A progress callback that records the time since the previous step (or since it was made)."""
+        """A progress callback that records each step's time, from the previous step or from step 0 (the start)."""
         last = time.perf_counter()
 
         def on_progress(phase: str, step: int, total: int) -> None:
             nonlocal last
             if phase == "denoise":
                 now = time.perf_counter()
-                self.step_seconds.observe(now - last)
+                if step > 0:
+                    self.step_seconds.observe(now - last)
                 last = now
 
         return on_progress

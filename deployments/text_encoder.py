@@ -44,20 +44,20 @@ class TextEncoder:
         self.metrics = TextEncoderMetrics()
         log.info("TextEncoder(%s) on %s in %s, loaded in %.1fs", placement, self.device, dtype, time.perf_counter() - started)
 
-    async def encode(self, prompt: str, negative_prompt: str) -> dict:
-        """Real-token embeddings for a prompt and its negative prompt, with the encode time."""
+    async def encode(self, text: str) -> dict:
+        """Real-token embeddings [n_tokens, dim] of one prompt or negative prompt, with the encode time.
+
+        A cached text is answered at once rather than in the next batch: the generator starts a job
+        as soon as its negative prompt is here, while the prompt may still be encoding.
+        """
         started = time.perf_counter()
-        context, negative_context = await asyncio.gather(self._encode_batch(prompt), self._encode_batch(negative_prompt))
+        embeddings = self.encoder.cached(text)
+        if embeddings is None:
+            embeddings = await self._encode_batch(text)
         seconds = time.perf_counter() - started
         self.metrics.encoded(seconds, self.encoder.cache_hits, self.encoder.cache_misses)
-        log.info("encoded a prompt of %d tokens and its negative prompt in %.3fs", context.shape[0], seconds)
-        return {
-            "context": context,
-            "negative_context": negative_context,
-            "seconds": seconds,
-            "placement": self.placement,
-            "device": str(self.device),
-        }
+        log.info("encoded %d tokens in %.3fs", embeddings.shape[0], seconds)
+        return {"embeddings": embeddings, "seconds": seconds}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, texts: list[str]) -> list[torch.Tensor]:

@@ -105,8 +105,8 @@ class SharedSelfAttentionProcessor(HalvesRopeProcessor):
 
 @contextlib.contextmanager
 def guidance_step(transformer: torch.nn.Module) -> Iterator[Callable[[], None]]:
-    """Around one step's passes of `transformer`, conditional first; yields the call that makes the
-    next pass reuse block 0's self-attention (a no-op unless `transformer` shares it).
+    """Around one step's passes of `transformer`; yields the call that makes the next pass reuse
+    the first one's block-0 self-attention (a no-op unless `transformer` shares it).
 
     The first pass keeps its output whether or not a second follows, so a step with guidance and
     one without run the same compiled block-0 code (no compile at request time for either).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +135,7 @@ class VideoModel:
     def generate(
         self,
         params: GenerationParams,
-        context: torch.Tensor,
+        context: torch.Tensor | Callable[[], torch.Tensor],
         negative_context: torch.Tensor,
         on_progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
@@ -142,20 +143,28 @@ class VideoModel:
     ) -> GenerationResult:
         """`context` / `negative_context`: real-token embeddings [n, text_dim]; `params.seed` must be concrete.
 
+        `context` may be a call that waits for the prompt's embeddings: the sampler makes it after
+        step 1's unconditional pass, so that pass overlaps the prompt's encoding
+        (timings["prompt_wait"] is how long the call then blocked; timings["denoise"] includes it).
         With `video_path`, the MP4 is encoded while the VAE decodes (timings["mp4_write"] is what
         is left of the encoding after the decode).
         """
         if params.seed < 0:
             raise ValueError("generate() needs a concrete seed; call params.with_seed() first")
-        for name, embeds in (("context", context), ("negative_context", negative_context)):
-            if embeds.ndim != 2 or embeds.shape[1] != self.text_dim:
-                raise ValueError(f"{name} must be [n_tokens, {self.text_dim}], got {list(embeds.shape)}")
+        timings: dict[str, float] = {}
+
+        def prompt_context() -> torch.Tensor:
+            started = time.perf_counter()
+            embeds = context()
+            timings["prompt_wait"] = time.perf_counter() - started
+            return self._text_context("context", embeds)
+
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         request = DenoiseRequest(
-            context=text_context(self.models.transformer, context),
-            negative_context=text_context(self.models.transformer, negative_context),
+            context=prompt_context if callable(context) else self._text_context("context", context),
+            negative_context=self._text_context("negative_context", negative_context),
             frame_num=params.frame_num,
             height=params.height,
             width=params.width,
@@ -164,7 +173,6 @@ class VideoModel:
             guide_scale=params.sample_guide_scale,
             seed=params.seed,
         )
-        timings: dict[str, float] = {}
         started = time.perf_counter()
         if self.step_cache is not None:
             for model in filter(None, (self.models.transformer, self.uncond_transformer)):
@@ -203,3 +211,9 @@ class VideoModel:
         peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
         return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak,
                                 video_path=writer.path if writer else None)
+
+    def _text_context(self, name: str, embeds: torch.Tensor) -> torch.Tensor:
+        """Checked [n, text_dim] real-token embeddings -> the DiT's context (`pipeline.dit.text_context`)."""
+        if embeds.ndim != 2 or embeds.shape[1] != self.text_dim:
+            raise ValueError(f"{name} must be [n_tokens, {self.text_dim}], got {list(embeds.shape)}")
+        return text_context(self.models.transformer, embeds)

@@ -1,8 +1,12 @@
 """The official Wan2.1 sampler: flow-matching UniPC on shifted sigmas with classifier-free guidance.
 
 Read top to bottom it is the whole denoising loop, in the spirit of diffusers' `pipeline_wan.py`:
-seeded float32 noise -> per step, the conditional (and unless g <= 1 the unconditional) DiT pass ->
+seeded float32 noise -> per step, the unconditional (unless g <= 1) and the conditional DiT pass ->
 guidance -> one UniPC step. Nothing here knows about Ray or HTTP.
+
+The unconditional pass goes first because it needs only the negative prompt, which is nearly always
+cached: the prompt's embeddings may arrive as a call that waits for them (`DenoiseRequest.context`),
+and step 1's unconditional pass runs while the prompt is still being encoded.
 """
 
 from __future__ import annotations
@@ -64,9 +68,13 @@ def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> to
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
 
 
+# The prompt's context, or a call that waits for it (made when the first conditional pass needs it).
+PendingContext = torch.Tensor | Callable[[], torch.Tensor]
+
+
 @dataclass
 class DenoiseRequest:
-    context: torch.Tensor  # [1, rows, text_dim]: the prompt's embeddings as the DiT takes them (`pipeline.dit.text_context`)
+    context: PendingContext  # [1, rows, text_dim]: the prompt's embeddings as the DiT takes them (`pipeline.dit.text_context`)
     negative_context: torch.Tensor  # the same for the unconditional pass
     frame_num: int
     height: int
@@ -96,11 +104,11 @@ def denoise(
     scheduler = make_scheduler(request.steps, request.shift, device)
     scheduler.set_begin_index(0)
     use_guidance = request.guide_scale > 1.0
-    predict_cond = _dit_pass(transformer, "cond", request.context.to(device, dtype))
+    predict_cond = _dit_pass(transformer, "cond", request.context, device, dtype)
     if use_guidance:
         uncond_model = uncond_transformer if uncond_transformer is not None else transformer
         uncond_device = next(uncond_model.parameters()).device if uncond_transformer is not None else device
-        predict_uncond = _dit_pass(uncond_model, "uncond", request.negative_context.to(uncond_device, dtype))
+        predict_uncond = _dit_pass(uncond_model, "uncond", request.negative_context, uncond_device, dtype)
     in_parallel = uncond_transformer is not None and use_guidance and branches_in_parallel
     side_thread = ThreadPoolExecutor(max_workers=1) if in_parallel else None
 
@@ -118,12 +126,13 @@ def denoise(
                     # Copied from this thread (a copy runs on the source GPU's stream): queued from the side
                     # thread, it could land behind the conditional pass's first kernels.
                     uncond_future = side_thread.submit(predict_uncond, model_input.to(uncond_device), timestep.to(uncond_device))
+                elif use_guidance:
+                    noise_uncond = predict_uncond(model_input, timestep).to(device).float()
+                    if uncond_model is transformer:  # (a CFG-parallel copy, run in turn while it compiles, keeps nothing)
+                        second_pass()
                 noise_pred = predict_cond(model_input, timestep).float()
                 if side_thread is not None:
                     noise_uncond = uncond_future.result().to(device).float()
-                elif use_guidance:
-                    second_pass()  # (a CFG-parallel copy's first, sequential run keeps its own block 0)
-                    noise_uncond = predict_uncond(model_input, timestep).to(device).float()
             if use_guidance:
                 noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -135,20 +144,24 @@ def denoise(
     return latents
 
 
-def _dit_pass(transformer, branch: str, context: torch.Tensor) -> Callable[..., torch.Tensor]:
+def _dit_pass(transformer, branch: str, context: PendingContext, device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
     """One DiT forward for the `cond` or `uncond` branch, inside its own device and cache context.
 
     The named cache context keeps diffusers' step-cache hooks (first-block cache, TaylorSeer) from
-    mixing the two branches' states; without a cache it does nothing.
+    mixing the two branches' states; without a cache it does nothing. A pending `context` is waited
+    for at the first forward.
     """
-    device = context.device
+    ready: torch.Tensor | None = None
 
     @torch.inference_mode()
     def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        nonlocal ready
+        if ready is None:
+            ready = (context() if callable(context) else context).to(device, dtype)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             with transformer.cache_context(branch):
                 return transformer(
-                    hidden_states=latents.to(device), timestep=timestep.to(device), encoder_hidden_states=context, return_dict=False
+                    hidden_states=latents.to(device), timestep=timestep.to(device), encoder_hidden_states=ready, return_dict=False
                 )[0]
 
     return predict

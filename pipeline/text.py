@@ -60,13 +60,15 @@ class PromptEncoder:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    def cached(self, text: str) -> torch.Tensor | None:
+        """The text's embeddings if they are cached, without running the encoder."""
+        return self._lookup(clean_text(text))
+
     def encode(self, texts: list[str]) -> list[torch.Tensor]:
         cleaned = [clean_text(text) for text in texts]
-        with self._lock:
-            found = {text: self._cache[text] for text in cleaned if text in self._cache}
-            for text in found:
-                self._cache.move_to_end(text)
-        missing = list(dict.fromkeys(text for text in cleaned if text not in found))
+        distinct = list(dict.fromkeys(cleaned))
+        found = {text: embeds for text in distinct if (embeds := self._lookup(text)) is not None}
+        missing = [text for text in distinct if text not in found]
         if missing:
             found.update(zip(missing, self._run_encoder(missing)))
         with self._lock:
@@ -74,9 +76,17 @@ class PromptEncoder:
                 self._cache[text] = found[text]
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-            self.cache_hits += len(cleaned) - len(missing)
             self.cache_misses += len(missing)
         return [found[text] for text in cleaned]
+
+    def _lookup(self, cleaned: str) -> torch.Tensor | None:
+        """A cached text's embeddings (counted as a hit and made the most recently used), or None."""
+        with self._lock:
+            embeds = self._cache.get(cleaned)
+            if embeds is not None:
+                self._cache.move_to_end(cleaned)
+                self.cache_hits += 1
+        return embeds
 
     @torch.inference_mode()
     def _run_encoder(self, texts: list[str]) -> list[torch.Tensor]:

@@ -51,12 +51,12 @@ def test_a_job_survives_its_stage_dying_under_it(faults_app, stage):
 
 
 def test_a_job_fails_clearly_once_max_attempts_are_spent(faults_app):
-    """Deaths in either stage count toward one limit: the generator dies under the first attempt,
-    the encoder under the second (each stage's replacement has just started, so both must serve
-    the next job)."""
+    """Deaths in either stage count toward one limit: the encoder dies under the first attempt (while
+    the prompt, new to it, waits for its batch), the generator under the second (each stage's
+    replacement has just started, so both must serve the next job)."""
     with faults_app.client() as client:
         job = submit(client, prompt="every attempt dies", sample_steps=30)
-        for attempt, stage in enumerate(("VideoGenerator", "TextEncoderCPU")[:ATTEMPTS], start=1):
+        for attempt, stage in enumerate(("TextEncoderCPU", "VideoGenerator")[:ATTEMPTS], start=1):
             kill_during(client, job["id"], stage, attempt)
         failed = poll(client, job["id"], finished, timeout=120)
         assert failed["status"] == "failed" and failed["attempts"] == ATTEMPTS
@@ -65,6 +65,17 @@ def test_a_job_fails_clearly_once_max_attempts_are_spent(faults_app):
 
         after = submit(client, prompt="after the faults")
         assert poll(client, after["id"], finished, timeout=120)["status"] == "completed"
+
+
+def test_the_generator_starts_while_the_prompt_is_still_encoding(faults_app):
+    """A cached negative prompt is answered at once and a new prompt waits ENCODE_HOLD_S for its
+    batch: the generator has the job meanwhile, runs step 1's unconditional pass, then waits."""
+    with faults_app.client() as client:
+        assert poll(client, submit(client, prompt="caches the negative prompt", sample_steps=1)["id"], finished, timeout=60)["status"] == "completed"
+        job = poll(client, submit(client, prompt="a prompt the encoder holds", sample_steps=2)["id"], finished, timeout=60)
+    assert job["status"] == "completed"
+    assert job["timings"]["text_encode"] >= ENCODE_HOLD_S * 0.9
+    assert job["timings"]["prompt_wait"] >= ENCODE_HOLD_S / 2
 
 
 def generator_replicas(app: str) -> list[str]:

@@ -1,3 +1,4 @@
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -138,3 +139,29 @@ def test_cancelled_generation_never_decodes(video_model, monkeypatch):
         generate(video_model, 7, on_progress=lambda *event: events.append(event), should_cancel=lambda: bool(events))
     assert events == [("denoise", 1, 3)]
     assert decodes == []
+
+
+def test_a_pending_prompt_is_awaited_only_after_step_ones_unconditional_pass(video_model, seed7_run):
+    """The prompt may still be encoding when the generation starts: the unconditional pass of step 1
+    runs first, then the call that waits for the prompt, and the frames are the same as with the
+    embeddings given up front."""
+    embeds = torch.randn(15, demo.TEXT_DIM, generator=torch.Generator().manual_seed(0))
+    forwards_before_wait = []
+    with contextlib.closing(count_forward_calls(video_model.models.transformer)) as counting:
+        dit_calls = next(counting)
+
+        def pending_prompt() -> torch.Tensor:
+            forwards_before_wait.append(len(dit_calls))
+            return embeds[:6]
+
+        params = GenerationParams(prompt="a red fox in snow", frame_num=5, sample_steps=3, seed=7)
+        result = video_model.generate(params, pending_prompt, embeds[6:])
+    assert forwards_before_wait == [1]  # called once, after exactly one (unconditional) forward
+    assert "prompt_wait" in result.timings
+    np.testing.assert_array_equal(result.frames, seed7_run[0].frames)
+
+
+def test_a_bad_pending_prompt_fails_the_generation_with_its_shape(video_model):
+    params = GenerationParams(prompt="a red fox in snow", frame_num=5, sample_steps=2, seed=7)
+    with pytest.raises(ValueError, match=r"context must be \[n_tokens, \d+\], got \[6, 3\]"):
+        video_model.generate(params, lambda: torch.zeros(6, 3), torch.zeros(9, demo.TEXT_DIM))
