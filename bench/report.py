@@ -12,7 +12,10 @@ from pathlib import Path
 
 RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
 BASE = "nvidia-h100-80gb-hbm3-2026-11-26"
-MAIN = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-reversed"  # the current DiT; fast measured last in its run
+MAIN = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v6-overlap-reversed"  # current code: prompt encoded during step 1, and before
+OVERLAP_OTHER_ORDER = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v6-overlap"  # the same machine minutes earlier, other order
+FIFTH_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v6"  # current code with the reference, on the day's slowest card
+SAVINGS = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-reversed"  # the DiT savings, each undone in one run; fast measured last
 SAME_MACHINE = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5"  # minutes earlier, fast measured first
 OTHER_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v4"  # another H100, block-0 sharing only
 TWO_GPUS = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-cfg"  # a third host: one GPU and CFG-parallel, current DiT
@@ -30,7 +33,8 @@ def end_to_end(run: dict) -> float:
 
 
 def main() -> None:
-    main_run, same_machine, other_host, fourth_host = load(MAIN), load(SAME_MACHINE), load(OTHER_HOST), load(FOURTH_HOST)
+    main_run, other_order, fifth_host = load(MAIN), load(OVERLAP_OTHER_ORDER), load(FIFTH_HOST)
+    savings, same_machine, other_host, fourth_host = load(SAVINGS), load(SAME_MACHINE), load(OTHER_HOST), load(FOURTH_HOST)
     before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast")
     two_gpus, two_gpus_before, caches = load(TWO_GPUS), load(f"{BASE}-fast-v3-cfg"), load(CACHES)
     policies = load(f"{BASE}-policies50-v3-warm")["policies"]
@@ -38,10 +42,18 @@ def main() -> None:
     cfg, cfg_before, cache = two_gpus["cfg_parallel"], two_gpus_before["cfg_parallel"], caches["step_cache"]
     rows = [
         ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, MAIN),
-        ("ours, reference (SDPA, eager, fp32 VAE)", main_run["resident"], main_run["diffusers"], MAIN),
-        ("ours, fast: FA3 + compiled + rearranged DiT + bf16 VAE", main_run["fast"], main_run["diffusers"], MAIN),
-        ("ours, fast, block 0's self-attention in both guidance passes", main_run["fast_unshared"], main_run["diffusers"], MAIN),
-        ("ours, fast, cross-attention over 512 padded text rows", main_run["fast_padded"], main_run["diffusers"], MAIN),
+        ("ours, fast: FA3 + compiled + rearranged DiT + bf16 VAE, prompt encoded during step 1", main_run["fast"], main_run["diffusers"], MAIN),
+        ("ours, fast, prompt encoded before the generation", main_run["fast_prompt_first"], main_run["diffusers"], MAIN),
+        ("ours, fast, prompt encoded before (baseline of its run: same machine, other order)", other_order["fast_prompt_first"], None, OVERLAP_OTHER_ORDER),
+        ("ours, fast, prompt encoded during step 1 (same machine, other order)", other_order["fast"], other_order["fast_prompt_first"], OVERLAP_OTHER_ORDER),
+        ("diffusers WanPipeline (baseline, another H100)", fifth_host["diffusers"], None, FIFTH_HOST),
+        ("ours, reference (SDPA, eager, fp32 VAE; another H100)", fifth_host["resident"], fifth_host["diffusers"], FIFTH_HOST),
+        ("ours, fast, prompt encoded during step 1 (another H100)", fifth_host["fast"], fifth_host["diffusers"], FIFTH_HOST),
+        ("diffusers WanPipeline (baseline, before the prompt overlap)", savings["diffusers"], None, SAVINGS),
+        ("ours, reference (before the prompt overlap)", savings["resident"], savings["diffusers"], SAVINGS),
+        ("ours, fast (before the prompt overlap)", savings["fast"], savings["diffusers"], SAVINGS),
+        ("ours, fast, block 0's self-attention in both guidance passes", savings["fast_unshared"], savings["diffusers"], SAVINGS),
+        ("ours, fast, cross-attention over 512 padded text rows", savings["fast_padded"], savings["diffusers"], SAVINGS),
         ("diffusers WanPipeline (baseline, same machine, other order)", same_machine["diffusers"], None, SAME_MACHINE),
         ("ours, fast (measured first)", same_machine["fast"], same_machine["diffusers"], SAME_MACHINE),
         ("diffusers WanPipeline (baseline, a fourth H100)", fourth_host["diffusers"], None, FOURTH_HOST),
