@@ -255,10 +255,12 @@ class Bench:
         if self.cpu_prompts is None:
             return self.context
         encoded = self.encode_thread.submit(self.cpu_prompts._run_encoder, [PROMPT[:39]])
-        if first:
+
+        def wait() -> torch.Tensor:
             encoded.result()
             return self.context
-        return lambda: (encoded.result(), self.context)[1]
+
+        return wait() if first else wait
 
     def end_to_end(self, run: dict) -> float:
         """Prompt -> MP4 file: generation (+ the CPU text encode, unless the generation ran it) (+ a separate MP4 write)."""

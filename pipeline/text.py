@@ -36,7 +36,7 @@ def pad_context(embeds: torch.Tensor, length: int = MAX_TEXT_TOKENS) -> torch.Te
 def compact_context(embeds: torch.Tensor) -> torch.Tensor:
     """[n, dim] real-token embeddings -> [n + 2, dim]: two zero rows stand for all 512 - n padding rows
     (`pipeline.dit.PaddingAsBiasProcessor` computes the same cross-attention from them)."""
-    return torch.cat([embeds, embeds.new_zeros(PADDING_ROWS, embeds.shape[1])])
+    return pad_context(embeds, embeds.shape[0] + PADDING_ROWS)
 
 
 class PromptEncoder:

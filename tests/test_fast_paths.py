@@ -234,7 +234,7 @@ def test_video_model_runs_the_fused_dit_and_refuses_what_it_cannot_rearrange(dem
 
 
 def test_block_zero_self_attention_is_computed_once_per_guidance_step(demo_source):
-    """The unconditional pass reuses the conditional pass's block-0 self-attention: bit-identical latents."""
+    """The second pass of a guidance step reuses the first one's block-0 self-attention: bit-identical latents."""
     from pipeline.dit import HalvesRopeProcessor, SharedSelfAttentionProcessor, rearrange_blocks, text_context
     from pipeline.loading import load_transformer
     from pipeline.sampler import DenoiseRequest, denoise
