@@ -8,10 +8,12 @@ web page and the CLI all share one machinery.
 
 
 import asyncio
+import functools
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,9 @@ class Gateway:
         self.lease_seconds = settings["lease_seconds"]
         self.max_attempts = settings["max_attempts"]
         self.store = JobStore(settings["output_dir"])
+        # Every store call runs on this one thread, never on the event loop: SQLite blocks (on the disk,
+        # on another replica's write lock) and the store's lock may be held by the recovery thread.
+        self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-store")
         self.owner = ray.get_runtime_context().get_actor_name()  # what replica_alive looks up
         self.wakeup = asyncio.Event()
         self.tick = asyncio.Event()  # set (and replaced) whenever this replica changes a job
@@ -210,7 +215,7 @@ class Gateway:
             try:
                 report[name] = await asyncio.wait_for(handle.describe.remote(), timeout=5)
             except asyncio.TimeoutError:
-                if name == "video_generator" and self.store.list(1, None, "in_progress")[0]:
+                if name == "video_generator" and (await self._db(self.store.list, 1, None, "in_progress"))[0]:
                     # One request at a time per generator replica: the probe waits behind a video.
                     report[name] = {"busy": True, "note": "generating; the probe is queued behind the job"}
                     continue
@@ -254,7 +259,7 @@ class Gateway:
         try:
             job = await self._wait_terminal(job["id"])
         except asyncio.CancelledError:
-            self._cancel(job["id"])  # the client went away: free the generator within a step
+            await self._cancel(job["id"])  # the client went away: free the generator within a step
             raise
         if job["status"] != "completed":
             error = job.get("error") or {"code": job["status"], "message": f"job {job['status']}"}
@@ -305,7 +310,7 @@ class Gateway:
         ).model_dump()
         work = {"params": params.model_dump(), "negative_prompt": params.effective_negative_prompt, "submitted_at": now}
         try:
-            job = self.store.create(job, work, self.settings["max_pending_jobs"])
+            job = await self._db(self.store.create, job, work, self.settings["max_pending_jobs"])
         except QueueFull as error:
             self.metrics.job("rejected")
             raise ApiError(429, "queue_full", f"{error}; retry later", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -363,15 +368,19 @@ class Gateway:
 
     # -- read, cancel, delete -----------------------------------------------------------------
 
-    def _job(self, job_id: str) -> dict:
-        job = self.store.get(job_id) if JOB_ID.match(job_id) else None  # only a well-formed id reaches the store
+    async def _db(self, method, *args, **kwargs):
+        """One JobStore call, on the store's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._store_thread, functools.partial(method, *args, **kwargs))
+
+    async def _job(self, job_id: str) -> dict:
+        job = await self._db(self.store.get, job_id) if JOB_ID.match(job_id) else None  # only a well-formed id reaches the store
         if job is None:
             raise not_found(job_id)
         return job
 
     @app.get("/v1/videos/{video_id}", response_model=VideoJob)
     async def retrieve(self, video_id: str) -> dict:
-        return self._job(video_id)
+        return await self._job(video_id)
 
     @app.get("/v1/videos", response_model=VideoList)
     async def list_videos(
@@ -382,7 +391,7 @@ class Gateway:
         order: str = Query("desc", pattern="^(asc|desc)$"),
     ) -> dict:
         try:
-            jobs, has_more = self.store.list(limit, after, status, order)
+            jobs, has_more = await self._db(self.store.list, limit, after, status, order)
         except KeyError:
             raise field_error(422, "invalid_request", "after", f"no video {after[:80]!r}", after[:200]) from None
         return {
@@ -396,7 +405,7 @@ class Gateway:
     @app.get("/v1/videos/{video_id}/content")
     async def content(self, video_id: str, variant: str = Query("video", pattern="^(video|thumbnail)$")) -> Response:
         """The MP4 (with Range support) or a JPEG of its first frame, once the job is completed."""
-        job = self._job(video_id)
+        job = await self._job(video_id)
         if job["status"] != "completed":
             message = f"video {video_id} is {job['status']} ({job['progress']}%); content exists once it is completed"
             raise ApiError(409, "not_ready", message, [{"field": "status", "value": job["status"], "message": message}])
@@ -413,8 +422,8 @@ class Gateway:
         The store decides, in one transaction with the change, so a job finishing at this moment is
         never deleted, unlike a status look followed by DELETE.
         """
-        self._job(video_id)  # a 404 naming video_id for an unknown or malformed id
-        outcome = self._cancel(video_id)
+        await self._job(video_id)  # a 404 naming video_id for an unknown or malformed id
+        outcome = await self._cancel(video_id)
         if outcome is None:
             raise not_found(video_id)  # deleted since the look
         job, cancelled = outcome
@@ -429,15 +438,15 @@ class Gateway:
         OpenAI's clients delete finished videos with it. To stop a job, POST .../cancel: between
         a client's look and its DELETE the job may finish, and DELETE would then delete the video.
         """
-        outcome = self._cancel(video_id) if self._job(video_id)["status"] in ACTIVE else None
+        outcome = await self._cancel(video_id) if (await self._job(video_id))["status"] in ACTIVE else None
         if outcome is not None:
             return outcome[0]
-        self.store.delete(video_id)
+        await self._db(self.store.delete, video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
-    def _cancel(self, job_id: str) -> tuple[dict, bool] | None:
+    async def _cancel(self, job_id: str) -> tuple[dict, bool] | None:
         """The store's answer: the job and whether this call cancelled it; None for no such job."""
-        outcome = self.store.cancel(job_id)
+        outcome = await self._db(self.store.cancel, job_id)
         if outcome is not None and outcome[1]:
             self.metrics.job("cancelled")
             stream = self.running.get(job_id)
@@ -455,8 +464,8 @@ class Gateway:
         A reconnecting client gets the current state, then what changes after it; the stream ends
         with a `done` event carrying the terminal job.
         """
-        seq = self.store.last_event_seq(video_id)  # before reading the state: no change falls between
-        job = self._job(video_id)
+        seq = await self._db(self.store.last_event_seq, video_id)  # before reading the state: no change falls between
+        job = await self._job(video_id)
 
         async def stream(seq: int):
             yield _sse("state", job)
@@ -465,13 +474,13 @@ class Gateway:
                 return
             quiet_since = time.monotonic()
             while True:
-                for seq, update in self.store.events_after(video_id, seq):
+                for seq, update in await self._db(self.store.events_after, video_id, seq):
                     quiet_since = time.monotonic()
                     yield _sse("progress" if update["status"] == "in_progress" else "status", update)
                     if update["status"] in TERMINAL_STATUSES:
                         yield _sse("done", update)
                         return
-                if self.store.get(video_id) is None:
+                if await self._db(self.store.get, video_id) is None:
                     yield _sse("done", {**job, "status": "cancelled", "phase": "deleted"})
                     return
                 if time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
@@ -494,7 +503,7 @@ class Gateway:
 
     async def _wait_terminal(self, job_id: str) -> dict:
         while True:
-            job = self.store.get(job_id)
+            job = await self._db(self.store.get, job_id)
             if job is None or job["status"] in TERMINAL_STATUSES:
                 return job or {"id": job_id, "status": "cancelled", "error": {"code": "deleted", "message": "job deleted"}}
             await self._changed_or_timeout(1.0)
@@ -505,8 +514,9 @@ class Gateway:
         """Requeue jobs whose runner's replica died (a crash, a restart), at start and then now and then."""
         while True:
             try:
+                # Not on the store's thread: looking up owners waits on Ray's GCS.
                 requeued = await asyncio.to_thread(self.store.requeue_orphans, replica_alive)
-                self.metrics.count_pending(self.store)  # also while every runner is busy with a video
+                self.metrics.pending.set(await self._db(self.store.count, "queued"))  # also while every runner is busy
             except Exception:  # noqa: BLE001 - a locked database must not end recovery
                 log.exception("looking for orphaned jobs failed")
                 requeued = []
@@ -520,8 +530,8 @@ class Gateway:
         owner = f"{self.owner}/{index}"
         while True:
             try:
-                claimed = self.store.claim(owner, self.lease_seconds, self.settings["concurrent_jobs"])
-                self.metrics.count_pending(self.store)
+                claimed = await self._db(self.store.claim, owner, self.lease_seconds, self.settings["concurrent_jobs"])
+                self.metrics.pending.set(await self._db(self.store.count, "queued"))
             except Exception:  # noqa: BLE001 - a locked database must not kill the runner
                 log.exception("claiming a job failed")
                 claimed = None
@@ -535,14 +545,14 @@ class Gateway:
             job, work = claimed
             self._notify()
             if job["attempts"] > self.max_attempts:
-                self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
-                               error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
+                await self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()),
+                                     error={"code": "attempts_exhausted", "message": f"gave up after {self.max_attempts} attempts"})
                 continue
             await asyncio.create_task(self._run(job, work, owner))  # a task of its own: the job's request id stays with it
 
-    def _progress(self, job_id: str, owner: str, **fields: Any) -> bool:
+    async def _progress(self, job_id: str, owner: str, **fields: Any) -> bool:
         """Record a change of a job this runner holds; False when it is no longer ours (cancelled, deleted)."""
-        changed = self.store.update(job_id, owner, **fields) is not None
+        changed = await self._db(self.store.update, job_id, owner, **fields) is not None
         if changed and "status" in fields:
             self.metrics.job("retried" if fields["status"] == "queued" else fields["status"])
         self._notify()
@@ -555,12 +565,15 @@ class Gateway:
         started = time.time()
         timings = {"queue": started - work["submitted_at"]}
         try:
-            if not self._progress(job_id, owner, phase="text_encode"):
+            if not await self._progress(job_id, owner, phase="text_encode"):
                 return
             # The generator gets references to the two encodes, not their results, and starts at once:
             # step 1's unconditional pass needs only the negative prompt (nearly always cached) and
             # runs while the prompt is still encoding. Serve's documented way to hand a call's result
-            # on unresolved is `_to_object_ref`.
+            # on unresolved is `_to_object_ref`. The gateway never awaits these references: that would
+            # unpickle the embeddings (torch tensors) here, on Ray's core-worker I/O thread, where with
+            # torch 2.11 it deadlocked the whole process on the GIL (tests/test_gateway_stall.py).
+            # The encode times come back with the generator's result.
             encoder = self.encoders[job["text_encoder"]]
             prompt = await encoder.encode.remote(job["prompt"])._to_object_ref()
             negative = await encoder.encode.remote(work["negative_prompt"])._to_object_ref()
@@ -574,56 +587,55 @@ class Gateway:
                     result = event
                     continue
                 step = event["step"] if event["phase"] == "denoise" else job["total_steps"]
-                if not self._progress(job_id, owner, phase=event["phase"], step=step, progress=progress_percent(event["phase"], event["step"], event["total"])):
+                if not await self._progress(job_id, owner, phase=event["phase"], step=step, progress=progress_percent(event["phase"], event["step"], event["total"])):
                     stream.cancel()  # cancelled or deleted elsewhere
                     return
-            timings["text_encode"] = (await prompt)["seconds"]
             timings.update(result["timings"])
             await self._complete(job_id, owner, result, timings)
             log.info("job %s completed in %.1fs (request %s)", job_id, time.time() - started, job["request_id"])
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every failure ends in the job, never in a lost job
-            self._fail_or_retry(job, owner, error)
+            await self._fail_or_retry(job, owner, error)
         finally:
             self.running.pop(job_id, None)
             renewal.cancel()
 
     async def _complete(self, job_id: str, owner: str, result: dict, timings: dict[str, float]) -> None:
         """Files first, then the row: a job is never "completed" without its whole video on disk."""
-        current = self.store.get(job_id)
+        current = await self._db(self.store.get, job_id)
         if current is None or current["status"] != "in_progress":
             return
         final = {"status": "completed", "phase": "completed", "progress": 100, "step": current["total_steps"],
                  "completed_at": int(time.time()), "timings": _rounded(timings),
                  "memory_policy": result["memory_policy"], "peak_gpu_memory_bytes": result["peak_gpu_bytes"]}
         await asyncio.to_thread(self.store.write_result, {**current, **final}, result["mp4"], result["thumbnail"])
-        if self._progress(job_id, owner, **final):
+        if await self._progress(job_id, owner, **final):
             self.metrics.completed(timings, result["peak_gpu_bytes"])
         else:
-            latest = self.store.get(job_id)
+            latest = await self._db(self.store.get, job_id)
             if latest is None or latest["status"] == "cancelled":
-                self.store.delete_files(job_id)  # cancelled while the files were written
+                await asyncio.to_thread(self.store.delete_files, job_id)  # cancelled while the files were written
 
-    def _fail_or_retry(self, job: dict, owner: str, error: Exception) -> None:
+    async def _fail_or_retry(self, job: dict, owner: str, error: Exception) -> None:
         code, message = classify_error(error)
-        current = self.store.get(job["id"])
+        current = await self._db(self.store.get, job["id"])
         if current is None or current["status"] != "in_progress":
             return  # cancelled or deleted: the stream's error is the cancellation itself
         if code == "stage_unavailable" and job["attempts"] < self.max_attempts:
             log.warning("job %s attempt %d failed (%s); queued again", job["id"], job["attempts"], message)
-            self._progress(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
+            await self._progress(job["id"], owner, status="queued", phase="queued", step=0, progress=0)
             return
         if code == "stage_unavailable":
             message += f"; gave up after {job['attempts']} of max_attempts = {self.max_attempts}"
         log.error("job %s failed: %s (request %s)", job["id"], message, job["request_id"])
-        self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
+        await self._progress(job["id"], owner, status="failed", phase="failed", completed_at=int(time.time()), error={"code": code, "message": message})
 
     async def _renew(self, job_id: str, owner: str) -> None:
         """Keep the lease while the job runs; if it is gone (cancelled elsewhere), stop the stream."""
         while True:
             await asyncio.sleep(max(self.lease_seconds / 3, 0.2))
-            if not self.store.renew(job_id, owner, self.lease_seconds):
+            if not await self._db(self.store.renew, job_id, owner, self.lease_seconds):
                 stream = self.running.get(job_id)
                 if stream is not None:
                     stream.cancel()

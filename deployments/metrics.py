@@ -36,9 +36,6 @@ class GatewayMetrics:
             "wan_t2v_peak_gpu_memory_bytes", description="Peak GPU memory of the last completed job (not set on a CPU generator)."
         )
 
-    def count_pending(self, store) -> None:
-        self.pending.set(store.count("queued"))
-
     def job(self, status: str) -> None:
         self.jobs.inc(tags={"status": status})
 

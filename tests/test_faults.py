@@ -76,6 +76,7 @@ def test_the_generator_starts_while_the_prompt_is_still_encoding(faults_app):
     assert job["status"] == "completed"
     assert job["timings"]["text_encode"] >= ENCODE_HOLD_S * 0.9
     assert job["timings"]["prompt_wait"] >= ENCODE_HOLD_S / 2
+    assert job["timings"]["negative_prompt_wait"] < ENCODE_HOLD_S / 2  # the cached negative prompt: no wait
 
 
 def generator_replicas(app: str) -> list[str]:

@@ -56,7 +56,7 @@ def test_a_job_streams_every_step_then_downloads(client, tmp_path):
     assert done["step"] == done["total_steps"] == 3 and done["attempts"] == 1
     assert all(isinstance(done[key], int) for key in ("created_at", "started_at", "completed_at", "progress"))
     assert done["created_at"] <= done["started_at"] <= done["completed_at"]
-    assert set(done["timings"]) == {"queue", "text_encode", "prompt_wait", "denoise", "decode", "mp4_write"}
+    assert set(done["timings"]) == {"queue", "text_encode", "negative_text_encode", "negative_prompt_wait", "prompt_wait", "denoise", "decode", "mp4_write"}
     assert (done["size"], done["seconds"], done["prompt"]) == ("624x624", "0.5", "a red fox in snow")
     assert done["parameters"]["frame_num"] == 9 and done["seed"] == done["parameters"]["seed"] >= 0
 
