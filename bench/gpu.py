@@ -193,7 +193,7 @@ class Bench:
             for block in model.models.transformer.blocks:
                 block.attn2.processor.__class__ = WanAttnProcessor
         if compiled:
-            self.warmup_s = model.compile(self.params)
+            self.warmup_s = model.compile(self.params, cache_root=self.args.compile_cache)
         else:
             # A model's first generation pays one-off costs (cuBLAS/cuDNN set-up, kernel choice: about 2 s on
             # an H100 when it is the process's first); an untimed one-step run keeps them out of every timing.
@@ -536,6 +536,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     parser.add_argument("--policies", default="resident,offload,stream,stream_bf16_vae", help="the memory policies `policies` runs (resident first)")
     parser.add_argument("--cfg-variants", default="exact,fast", help="the VARIANTS cfg_parallel runs")
+    parser.add_argument("--compile-cache", default=None, help="keep compiled code in this folder between runs, as the service's generator.compile_cache_dir does")
     parser.add_argument("--tag", default="", help="suffix for the result files, e.g. 'policies50'")
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from ray.serve.config import BackpressureConfig
 
 from deployments.gateway import RETRY_AFTER_S, Gateway
 from deployments.generator import VideoGenerator
-from deployments.precedence import ParamOverrides
+from deployments.precedence import ParamOverrides, resolve
 from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
 from pipeline.attention import AttentionKernel
@@ -80,6 +80,10 @@ class GeneratorOptions(Strict):
     # Regional torch.compile of the DiT blocks, warmed at replica start for the default size and
     # frame count: -16 % per step on an H100 (bench/results), 50-100 s more start-up.
     compile: bool = False
+    # Where compiled code persists between starts, in a folder per torch/diffusers/model/GPU/shape key
+    # (pipeline/compile_cache.py): only a machine's first start compiles. Safe to delete.
+    # Default: <output_dir>/compile-cache.
+    compile_cache_dir: str | None = None
     # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
     cfg_parallel: bool = False
     step_cache: StepCacheOptions | None = None
@@ -197,6 +201,8 @@ def build(args: AppArgs) -> serve.Application:
     else:
         log.info("serving %s from %s (%s)", source.model_id, source.folder, source.origin)
 
+    # Encoded at each encoder replica's start: the negative prompt of every job that sends none.
+    default_negative = resolve({"prompt": "-"}, args.pins, args.defaults)[0].effective_negative_prompt
     encoders = {}
     for placement, options, gpus in (("cpu", args.cpu_text_encoder, 0.0), ("gpu", args.gpu_text_encoder, 1.0)):
         if options is None:
@@ -205,9 +211,10 @@ def build(args: AppArgs) -> serve.Application:
             name=f"TextEncoder{placement.upper()}",
             num_replicas=options.num_replicas,
             ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": gpus},
-        ).bind(source, placement, options.model_dump())
+        ).bind(source, placement, options.model_dump(), (default_negative,))
 
     gen = args.generator
+    output_dir = Path(args.output_dir).expanduser().resolve()
     # A pinned offload_model is the operator's word on the replica's memory policy.
     policy = gen.memory_policy
     if args.pins.offload_model is not None and policy is not MemoryPolicy.STREAM:
@@ -227,6 +234,7 @@ def build(args: AppArgs) -> serve.Application:
         gen.step_cache.model_dump() if gen.step_cache else None,
         gen.attention,
         gen.fault_injection.model_dump() if gen.fault_injection else None,
+        str(Path(gen.compile_cache_dir).expanduser().resolve() if gen.compile_cache_dir else output_dir / "compile-cache"),
     )
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)
@@ -235,7 +243,7 @@ def build(args: AppArgs) -> serve.Application:
         "pins": args.pins.given(),
         "defaults": args.defaults.given(),
         "limits": args.limits.model_dump(),
-        "output_dir": str(Path(args.output_dir).expanduser().resolve()),
+        "output_dir": str(output_dir),
         "max_pending_jobs": args.max_pending_jobs,
         "lease_seconds": args.lease_seconds,
         "max_attempts": args.max_attempts,

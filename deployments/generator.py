@@ -27,6 +27,7 @@ from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
 from pipeline.params import GenerationParams
+from pipeline.startup import StartupPhases
 
 log = logging.getLogger("ray.serve")
 
@@ -45,11 +46,16 @@ class VideoGenerator:
         step_cache: dict | None = None,
         attention: str = "auto",
         fault_injection: dict | None = None,
+        compile_cache_dir: str | None = None,
     ):
         """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager.
 
         `fault_injection`: OutOfMemoryInjector's arguments, for tests and drills; None (the default) = off.
+        `compile_cache_dir`: where compiled code persists between starts (pipeline.compile_cache).
+        The replica reports ready (its __init__ returns) only once its first job will run as fast as
+        any later one: weights loaded and placed, compiled code loaded or compiled, warmed.
         """
+        self.startup = StartupPhases()
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
             device = "cpu"
@@ -60,18 +66,20 @@ class VideoGenerator:
             else:
                 log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
         self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype),
-                                    uncond_device, attention)
+                                    uncond_device, attention, self.startup)
         if step_cache is not None:
             self.model.enable_step_cache(step_cache["kind"], **step_cache["options"])
         if compile_for is not None:
             warm = GenerationParams(prompt="warm-up", **{k: v for k, v in compile_for.items() if k in ("size", "frame_num")})
-            log.info("compiled DiT blocks and VAE norms, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, self.model.compile(warm))
+            seconds = self.model.compile(warm, compile_cache_dir, self.startup)
+            log.info("compiled DiT blocks and VAE norms, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, seconds)
         self.default_policy = MemoryPolicy(policy)
         self.honor_request_offload = honor_request_offload
         # One generation at a time per replica, also while a cancelled one finishes its current step.
         self._running = threading.Lock()
         self.faults = OutOfMemoryInjector(**fault_injection) if fault_injection else None
         self.metrics = GeneratorMetrics()
+        log.info("VideoGenerator %s", self.startup.done())
 
     async def generate(self, job: dict):
         """job = {"params": dict, "context": ObjectRef, "negative_context": ObjectRef}; yields event dicts.
@@ -156,6 +164,7 @@ class VideoGenerator:
             "attention": self.model.attention,
             "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "busy": self._running.locked(),
+            "startup": self.startup.report(),
         }
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.protocol import TERMINAL_STATUSES
+from pipeline.files import write_atomic
 
 JOB_ID = re.compile(r"^video_[0-9a-f]{24}$")
 ACTIVE = ("queued", "in_progress")
@@ -59,25 +59,6 @@ class QueueFull(Exception):
 
 def new_job_id() -> str:
     return "video_" + secrets.token_hex(12)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the folder: readers see the old file or the whole new one."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a power cut before the job row says "completed"
-    finally:
-        os.close(folder)
 
 
 class JobStore:

@@ -18,6 +18,7 @@ from ray import serve
 
 from deployments.metrics import TextEncoderMetrics
 from pipeline.loading import ModelSource, load_text_encoder, parse_dtype, default_text_dtype
+from pipeline.startup import StartupPhases
 from pipeline.text import PromptEncoder
 
 log = logging.getLogger("ray.serve")
@@ -25,7 +26,11 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(max_ongoing_requests=64)
 class TextEncoder:
-    def __init__(self, source: ModelSource, placement: str, options: dict):
+    def __init__(self, source: ModelSource, placement: str, options: dict, warm_texts: tuple[str, ...] = ()):
+        """`warm_texts`: encoded (and so cached) before the replica reports ready: the default negative
+        prompt, which nearly every job needs first. The first job then waits for nothing that a later
+        one would not: the weights are in memory, the kernels chosen, the negative prompt cached."""
+        self.startup = StartupPhases()
         self.placement = placement
         self.device = torch.device("cpu")
         if placement == "gpu":
@@ -36,13 +41,19 @@ class TextEncoder:
         if options["torch_threads"]:
             torch.set_num_threads(options["torch_threads"])
         dtype = default_text_dtype(source) if options["dtype"] == "auto" else parse_dtype(options["dtype"])
-        started = time.perf_counter()
-        tokenizer, model = load_text_encoder(source, self.device, dtype)
+        with self.startup.phase("load"):
+            tokenizer, model = load_text_encoder(source, self.device, dtype)
         self.encoder = PromptEncoder(tokenizer, model, self.device, cache_size=options["cache_size"])
+        with self.startup.phase("touch_weights"):
+            self.encoder.touch_weights()
+        with self.startup.phase("encode_warm_texts"):
+            self.encoder.encode(list(warm_texts))
+        # What a new 40-token prompt costs with this replica's threads: the number to size them by.
+        self.startup.record("probe_40_tokens", self.encoder.probe_seconds(40))
         self._encode_batch.set_max_batch_size(options["max_batch_size"])
         self._encode_batch.set_batch_wait_timeout_s(options["batch_wait_timeout_s"])
         self.metrics = TextEncoderMetrics()
-        log.info("TextEncoder(%s) on %s in %s, loaded in %.1fs", placement, self.device, dtype, time.perf_counter() - started)
+        log.info("TextEncoder(%s) on %s in %s, %d threads, %s", placement, self.device, dtype, torch.get_num_threads(), self.startup.done())
 
     async def encode(self, text: str) -> dict:
         """Real-token embeddings [n_tokens, dim] of one prompt or negative prompt, with the encode time.
@@ -73,4 +84,5 @@ class TextEncoder:
             "torch_threads": torch.get_num_threads(),
             "cache_hits": self.encoder.cache_hits,
             "cache_misses": self.encoder.cache_misses,
+            "startup": self.startup.report(),
         }

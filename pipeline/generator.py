@@ -10,6 +10,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import numpy as np
 import torch
 
 from pipeline.attention import AttentionKernel, resolve_kernel, set_attention_kernel
+from pipeline.compile_cache import CompileCache, cache_key
 from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
 from pipeline.sampler import CancelCheck, DenoiseRequest, ProgressCallback, denoise
+from pipeline.startup import StartupPhases
 from pipeline.vae import INDUCTOR_OPTIONS, compile_norms, speed_up_decode
 from pipeline.video import Mp4Writer, decode_latents
 
@@ -96,22 +99,45 @@ class VideoModel:
         vae_dtype: torch.dtype = torch.float32,
         uncond_device: torch.device | None = None,
         attention: AttentionKernel = "auto",
+        phases: StartupPhases | None = None,
     ) -> VideoModel:
+        """The DiT and the VAE are separate files: they load side by side (`load_dit`, `load_vae` in
+        `phases`), then move to the device under the policy (`place`)."""
+        phases = phases or StartupPhases()
         dit_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         started = time.perf_counter()
-        model = cls(load_transformer(source, dit_dtype), load_vae(source, vae_dtype), device, policy, uncond_device, attention)
+
+        def load(name: str, loader, dtype: torch.dtype):
+            with phases.phase(name):
+                return loader(source, dtype)
+
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
+            transformer = pool.submit(load, "load_dit", load_transformer, dit_dtype)
+            vae = pool.submit(load, "load_vae", load_vae, vae_dtype)
+            transformer, vae = transformer.result(), vae.result()
+        with phases.phase("place"):
+            model = cls(transformer, vae, device, policy, uncond_device, attention)
         log.info("loaded DiT (%s, %s attention) + VAE (%s) from %s in %.1fs",
                  dit_dtype, model.attention, vae_dtype, source.folder, time.perf_counter() - started)
         return model
 
-    def compile(self, warm_params: GenerationParams | None = None) -> float:
+    def compile(self, warm_params: GenerationParams | None = None, cache_root: str | Path | None = None,
+                phases: StartupPhases | None = None) -> float:
         """Regional torch.compile of the DiT's repeated blocks (one graph serves all) and the VAE's norms.
 
         The first call at each new shape compiles; warming with the expected shape at replica start
-        means no request pays for it. Returns the seconds the warm-up took.
+        means no request pays for it. With `cache_root`, the compiled code is kept in a folder keyed
+        by `compile_cache_key` (pipeline.compile_cache): only the first start with a given key
+        compiles, later ones load. Returns the seconds the warm-up took.
         """
         if self.step_cache is not None:
             raise ValueError(STEP_CACHE_NOT_COMPILABLE)
+        phases = phases or StartupPhases()
+        cache = CompileCache(cache_root, self.compile_cache_key(warm_params)) if cache_root is not None else None
+        if cache is not None:
+            with phases.phase("compile_cache_load"):
+                cached = cache.use()
+            log.info("compile cache %s: %s", cache.folder, "found, loading" if cached else "empty, compiling (first start with this key)")
         for model in filter(None, (self.models.transformer, self.uncond_transformer)):
             model.compile_repeated_blocks(fullgraph=True, options=INDUCTOR_OPTIONS)
         compile_norms(self.models.vae)
@@ -119,10 +145,23 @@ class VideoModel:
         if warm_params is None:
             return 0.0
         started = time.perf_counter()
-        warm = warm_params.model_copy(update={"sample_steps": 1, "seed": 0})
-        zeros = torch.zeros(1, self.text_dim)
-        self.generate(warm, zeros, zeros)
-        return time.perf_counter() - started
+        with phases.phase("compile_warmup"):
+            warm = warm_params.model_copy(update={"sample_steps": 1, "seed": 0})
+            zeros = torch.zeros(1, self.text_dim)
+            self.generate(warm, zeros, zeros)
+        warmup_s = time.perf_counter() - started
+        if cache is not None and not cached:
+            with phases.phase("compile_cache_save"):
+                log.info("saved %.1f MB of compile cache artifacts", cache.save() / 1e6)
+        return warmup_s
+
+    def compile_cache_key(self, warm_params: GenerationParams | None) -> str:
+        """What the compiled code depends on beyond library versions: model configs, kernels, shapes."""
+        configs = {"transformer": dict(self.models.transformer.config), "vae": dict(self.models.vae.config)}
+        settings = {"inductor": INDUCTOR_OPTIONS, "attention": self.attention, "vae_dtype": str(self.models.vae.dtype),
+                    "policy": self.policy.value, "cfg_parallel": self.uncond_transformer is not None,
+                    "warm": None if warm_params is None else [warm_params.size, warm_params.frame_num]}
+        return cache_key(self.device, configs, settings)
 
     @property
     def policy(self) -> MemoryPolicy:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from deployments import jobs
-from deployments.jobs import JobStore, QueueFull, new_job_id, write_atomic
+from deployments.jobs import JobStore, QueueFull, new_job_id
+from pipeline.files import write_atomic
 
 
 def submit(store: JobStore, max_pending: int = 100, **fields) -> dict:
