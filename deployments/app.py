@@ -21,7 +21,7 @@ from deployments.precedence import ParamOverrides, resolve
 from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
 from pipeline.attention import AttentionKernel
-from pipeline.generator import STEP_CACHE_NOT_COMPILABLE
+from pipeline.compile_cache import STEP_CACHE_NOT_COMPILABLE
 from pipeline.loading import resolve_model_source
 from pipeline.memory import MemoryPolicy
 

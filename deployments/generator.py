@@ -23,7 +23,6 @@ from ray import serve
 
 from deployments.faults import OutOfMemoryInjector, freeing_memory_on_oom
 from deployments.metrics import GeneratorMetrics
-from pipeline.generator import VideoModel
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
 from pipeline.params import GenerationParams
@@ -55,6 +54,9 @@ class VideoGenerator:
         The replica reports ready (its __init__ returns) only once its first job will run as fast as
         any later one: weights loaded and placed, compiled code loaded or compiled, warmed.
         """
+        from pipeline.generator import VideoModel  # here, not at the top: `serve run`'s app builder imports
+        # this module, and diffusers' import (seconds) would delay every replica's start
+
         self.startup = StartupPhases()
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 PIPELINE_DIR = Path(__file__).resolve().parent
 ARTIFACTS = "artifacts.bin"
+# diffusers' cache hooks keep Python state per block and call torch.compiler.disable()d code.
+STEP_CACHE_NOT_COMPILABLE = "a step cache and compiled DiT blocks do not combine (diffusers' cache hooks cannot be traced): choose one"
 
 
 def source_digest() -> str:

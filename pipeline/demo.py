@@ -15,10 +15,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+if TYPE_CHECKING:  # diffusers and transformers are imported where a demo model is built: finding a
+    # checkpoint (pipeline.loading, in `serve run`'s app builder) must not pay seconds for them.
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import PreTrainedTokenizerFast, UMT5EncoderModel
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,9 @@ TEXT_DIM = 32
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with umT5's special ids (pad 0, eos 1, unk 2): any text, no vocab file."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     specials = ["<pad>", "</s>", "<unk>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
@@ -43,6 +50,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_text_encoder(vocab_size: int) -> UMT5EncoderModel:
+    from transformers import UMT5Config, UMT5EncoderModel
+
     config = UMT5Config(
         vocab_size=vocab_size,
         d_model=TEXT_DIM,
@@ -61,6 +70,8 @@ def build_text_encoder(vocab_size: int) -> UMT5EncoderModel:
 
 
 def build_transformer(text_dim: int = TEXT_DIM) -> WanTransformer3DModel:
+    from diffusers import WanTransformer3DModel
+
     return WanTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
@@ -73,10 +84,14 @@ def build_transformer(text_dim: int = TEXT_DIM) -> WanTransformer3DModel:
 
 def build_vae(base_dim: int = 2, num_res_blocks: int = 1) -> AutoencoderKLWan:
     """Real Wan VAE topology (8x spatial, 4x temporal, 16 latent channels) at a toy width."""
+    from diffusers import AutoencoderKLWan
+
     return AutoencoderKLWan(base_dim=base_dim, z_dim=16, num_res_blocks=num_res_blocks).eval()
 
 
 def build_demo_pipeline() -> WanPipeline:
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(DEMO_SEED)
         tokenizer = build_tokenizer()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.attention import AttentionKernel, resolve_kernel, set_attention_kernel
-from pipeline.compile_cache import CompileCache, cache_key
+from pipeline.compile_cache import STEP_CACHE_NOT_COMPILABLE, CompileCache, cache_key
 from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
@@ -29,9 +29,6 @@ from pipeline.vae import INDUCTOR_OPTIONS, compile_norms, speed_up_decode
 from pipeline.video import Mp4Writer, decode_latents
 
 log = logging.getLogger(__name__)
-
-# diffusers' cache hooks keep Python state per block and call torch.compiler.disable()d code.
-STEP_CACHE_NOT_COMPILABLE = "a step cache and compiled DiT blocks do not combine (diffusers' cache hooks cannot be traced): choose one"
 
 
 @dataclass
