@@ -40,6 +40,9 @@ class GenerationResult:
     video_path: Path | None = None  # the MP4, when generate() was asked to write one
 
 
+WARM_PROMPT_TOKENS, WARM_NEGATIVE_TOKENS = 40, 120  # typical umT5 lengths; any two distinct ones would do
+
+
 class VideoModel:
     """DiT + VAE placed by a memory policy; `generate` is one video.
 
@@ -144,8 +147,12 @@ class VideoModel:
         started = time.perf_counter()
         with phases.phase("compile_warmup"):
             warm = warm_params.model_copy(update={"sample_steps": 1, "seed": 0})
-            zeros = torch.zeros(1, self.text_dim)
-            self.generate(warm, zeros, zeros)
+            # A prompt and a negative prompt of two lengths, as real ones have: compiled blocks see the
+            # context's length vary here, at start-up, and not first in a user's job (contexts of one
+            # length left that to the first job on an H200: 77 s instead of 44.5 s).
+            dtype = self.models.transformer.dtype
+            self.generate(warm, torch.zeros(WARM_PROMPT_TOKENS, self.text_dim, dtype=dtype),
+                          torch.zeros(WARM_NEGATIVE_TOKENS, self.text_dim, dtype=dtype))
         warmup_s = time.perf_counter() - started
         if cache is not None and not cached:
             with phases.phase("compile_cache_save"):
@@ -154,7 +161,8 @@ class VideoModel:
 
     def compile_cache_key(self, warm_params: GenerationParams | None) -> str:
         """What the compiled code depends on beyond library versions: model configs, kernels, shapes."""
-        configs = {"transformer": dict(self.models.transformer.config), "vae": dict(self.models.vae.config)}
+        configs = {name: {"class": type(model).__name__, **_hyperparameters(model.config)}
+                   for name, model in (("transformer", self.models.transformer), ("vae", self.models.vae))}
         settings = {"inductor": INDUCTOR_OPTIONS, "attention": self.attention, "vae_dtype": str(self.models.vae.dtype),
                     "policy": self.policy.value, "cfg_parallel": self.uncond_transformer is not None,
                     "warm": None if warm_params is None else [warm_params.size, warm_params.frame_num]}
@@ -253,3 +261,9 @@ class VideoModel:
         if embeds.ndim != 2 or embeds.shape[1] != self.text_dim:
             raise ValueError(f"{name} must be [n_tokens, {self.text_dim}], got {list(embeds.shape)}")
         return text_context(self.models.transformer, embeds)
+
+
+def _hyperparameters(config) -> dict:
+    """A diffusers config without its bookkeeping (`_name_or_path`, `_use_default_values`, whose order
+    is a set's and changes from process to process): what the model computes depends on the rest."""
+    return {key: value for key, value in config.items() if not key.startswith("_")}

@@ -9,6 +9,7 @@ compared as a video.
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -250,3 +251,24 @@ def test_cli_ckpt_dir_release_folder_gives_the_diffusers_folders_video(release_f
     reference, _ = read_mp4(write_mp4(diffusers_frames, tmp_path / "diffusers.mp4"))
     assert ours.shape == reference.shape
     assert np.abs(ours.astype(np.int16) - reference).mean() < 0.01
+
+
+KEY_OF_FOLDER = """
+import sys, torch
+from pipeline.generator import VideoModel
+from pipeline.loading import resolve_model_source
+from pipeline.params import GenerationParams
+print(VideoModel.load(resolve_model_source(sys.argv[1]), torch.device("cpu")).compile_cache_key(GenerationParams(prompt="-")))
+"""
+
+
+def test_the_compile_cache_key_is_the_same_in_every_process(release_folder):
+    """Loaded from a release folder, a config lists its defaulted fields in a set's order, which follows
+    the process's hash seed: the key must not (on an H200 each start got a new key and compiled again)."""
+    keys = set()
+    for seed in ("1", "2"):
+        done = subprocess.run([sys.executable, "-c", KEY_OF_FOLDER, str(release_folder)], cwd=Path(__file__).resolve().parents[1],
+                              env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        keys.add(done.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1, keys
