@@ -152,6 +152,7 @@ class VideoGenerator:
         finally:
             if not work.done():
                 cancelled.set()  # the caller went away: stop before the next step
+                work.add_done_callback(_log_unless_cancelled)
 
     def _policy_for(self, params: GenerationParams) -> MemoryPolicy:
         if self.honor_request_offload and params.offload_model is not None:
@@ -174,6 +175,16 @@ def _encoded(encoded: ray.ObjectRef) -> dict:
     """TextEncoder.encode's result {"embeddings", "seconds"}: blocks this worker thread until it is done
     (unpickled here, on the calling thread); its error, if any, is the job's."""
     return ray.get(encoded)
+
+
+def _log_unless_cancelled(work: asyncio.Future) -> None:
+    """The end of a generation whose caller went away: its GenerationCancelled is the expected end
+    (left unread, asyncio would log it as a lost error); any other error still goes to the log."""
+    from pipeline.sampler import GenerationCancelled  # loaded by now: a generation ran
+
+    error = None if work.cancelled() else work.exception()
+    if error is not None and not isinstance(error, GenerationCancelled):
+        log.error("a generation whose caller went away failed: %s: %s", type(error).__name__, error)
 
 
 def _jpeg(frame) -> bytes:

@@ -23,7 +23,7 @@ from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
-from pipeline.sampler import CancelCheck, DenoiseRequest, ProgressCallback, denoise
+from pipeline.sampler import CancelCheck, DenoiseRequest, GenerationCancelled, ProgressCallback, denoise
 from pipeline.startup import StartupPhases
 from pipeline.vae import INDUCTOR_OPTIONS, compile_norms, speed_up_decode
 from pipeline.video import Mp4Writer, decode_latents
@@ -232,6 +232,8 @@ class VideoModel:
         if self.uncond_transformer is None or request.guide_scale > 1.0:  # else the copy did not compile
             self._compiled_shapes.add(shape)
         timings["denoise"] = time.perf_counter() - started
+        if should_cancel is not None and should_cancel():  # cancelled during the last step
+            raise GenerationCancelled(f"cancelled before the decode, after {params.sample_steps} steps")
 
         if on_progress is not None:
             on_progress("decode", 0, 1)

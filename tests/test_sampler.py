@@ -141,6 +141,18 @@ def test_cancelled_generation_never_decodes(video_model, monkeypatch):
     assert decodes == []
 
 
+def test_a_cancel_during_the_last_step_skips_the_decode(video_model, monkeypatch):
+    """The last step is followed by no step check: the decode (seconds, minutes on a CPU) must check too."""
+    decode = video_model.models.vae.decode
+    decodes = []
+    monkeypatch.setattr(video_model.models.vae, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k))
+    events = []
+    with pytest.raises(GenerationCancelled, match="before the decode"):
+        generate(video_model, 7, on_progress=lambda *event: events.append(event), should_cancel=lambda: ("denoise", 3, 3) in events)
+    assert events[-1] == ("denoise", 3, 3)
+    assert decodes == []
+
+
 def test_a_pending_prompt_is_awaited_only_after_step_ones_unconditional_pass(video_model, seed7_run):
     """The prompt may still be encoding when the generation starts: the unconditional pass of step 1
     runs first, then the call that waits for the prompt, and the frames are the same as with the
