@@ -259,7 +259,7 @@ class Gateway:
         try:
             job = await self._wait_terminal(job["id"])
         except asyncio.CancelledError:
-            await self._cancel(job["id"])  # the client went away: free the generator within a step
+            await asyncio.shield(self._cancel(job["id"]))  # the client went away: free the generator within a step
             raise
         if job["status"] != "completed":
             error = job.get("error") or {"code": job["status"], "message": f"job {job['status']}"}
