@@ -16,6 +16,7 @@ always safe (the next start compiles again).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -35,8 +36,10 @@ ARTIFACTS = "artifacts.bin"
 STEP_CACHE_NOT_COMPILABLE = "a step cache and compiled DiT blocks do not combine (diffusers' cache hooks cannot be traced): choose one"
 
 
+@functools.cache
 def source_digest() -> str:
-    """Our pipeline's Python source: the graphs torch.compile traces are built from it."""
+    """Our pipeline's Python source: the graphs torch.compile traces are built from it. Read once per
+    process, near when it was imported: an edit on disk later must not move a running replica's key."""
     digest = hashlib.sha256()
     for path in sorted(PIPELINE_DIR.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
