@@ -10,7 +10,6 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,20 +100,22 @@ class VideoModel:
         attention: AttentionKernel = "auto",
         phases: StartupPhases | None = None,
     ) -> VideoModel:
-        """The DiT and the VAE are separate files: they load side by side (`load_dit`, `load_vae` in
-        `phases`), then move to the device under the policy (`place`)."""
+        """Loads the DiT (`load_dit` in `phases`), then the VAE (`load_vae`), then moves them to the
+        device under the policy (`place`).
+
+        One after the other, not in two threads: diffusers' from_pretrained builds models inside
+        accelerate's init_empty_weights, which swaps torch.nn.Module.register_parameter process-wide;
+        two at once can leave the swap in place, and every model built later gets weights on the meta
+        device (seen in the tests: the next text encoder load failed). The text encoder, the other
+        large part, loads in its own replica at the same time.
+        """
         phases = phases or StartupPhases()
         dit_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         started = time.perf_counter()
-
-        def load(name: str, loader, dtype: torch.dtype):
-            with phases.phase(name):
-                return loader(source, dtype)
-
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="load") as pool:
-            transformer = pool.submit(load, "load_dit", load_transformer, dit_dtype)
-            vae = pool.submit(load, "load_vae", load_vae, vae_dtype)
-            transformer, vae = transformer.result(), vae.result()
+        with phases.phase("load_dit"):
+            transformer = load_transformer(source, dit_dtype)
+        with phases.phase("load_vae"):
+            vae = load_vae(source, vae_dtype)
         with phases.phase("place"):
             model = cls(transformer, vae, device, policy, uncond_device, attention)
         log.info("loaded DiT (%s, %s attention) + VAE (%s) from %s in %.1fs",

@@ -274,3 +274,13 @@ def test_compiled_model_compiles_nothing_more_for_new_prompt_lengths_or_guidance
         params = PARAMS.model_copy(update={"sample_guide_scale": guide_scale})
         model.generate(params, embeds[:n_prompt], embeds[:n_negative])
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_loading_the_video_model_leaves_later_models_with_real_weights(demo_source):
+    """diffusers builds models inside accelerate's init_empty_weights, a process-wide swap of
+    register_parameter: loading the DiT and the VAE in two threads once left it in place, and a text
+    encoder loaded afterwards had meta weights ("Cannot copy out of meta tensor")."""
+    VideoModel.load(demo_source, torch.device("cpu"))
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    _, model = load_text_encoder(demo_source, torch.device("cpu"), torch.float32)
+    assert all(parameter.device.type == "cpu" for parameter in model.parameters())
