@@ -6,6 +6,7 @@ same message everywhere: the field, the value given and what is allowed.
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any
 
@@ -129,6 +130,10 @@ def describe_errors(error: ValidationError, allowed: dict[str, str] = ALLOWED) -
 
 
 def _jsonable(value: Any) -> Any:
+    """The refused value as the error body can show it. JSON has no NaN or infinity, and a body that
+    holds one cannot be sent: "inf", "NaN" or "1e400" (parsed to a non-finite float) is echoed as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
     if value is None or isinstance(value, (bool, int, float, str)):
         return value if not isinstance(value, str) or len(value) <= 200 else value[:200]
     return repr(value)[:200]

@@ -146,3 +146,32 @@ def test_every_endpoint_survives_schema_driven_fuzzing(fuzz_app):
         assert sum(per_operation[label].values()) >= (10 if has_inputs(operation) else 1), report
     accepted = per_operation["POST /v1/videos"]
     assert accepted[202] >= 1 and accepted[422] >= 1, accepted  # valid bodies got through, broken ones were refused
+
+
+# Where a number belongs, what clients send instead: spellings Python's float() or int() accept (non-finite
+# ones among them), spellings they refuse, strings too long to parse, lists and objects. A refusal echoes the
+# value it refuses, so a non-finite float parsed from "inf" once made the error body itself unsendable (500).
+NUMERIC_FIELDS = ("frame_num", "sample_steps", "sample_guide_scale", "sample_shift", "seed", "seconds")
+ODD_STRINGS = ("inf", "-Infinity", "NaN", "nan", "1e400", "-1e400", "9" * 5000, "0x10", "1_0", " 5 ", "٣", "½", "1e-400", "5.", "+5", "true")
+ODD_JSON = ([5], [], {"value": 5}, True, None)
+
+
+def test_every_numeric_field_refuses_odd_values_with_a_4xx_naming_it(fuzz_app):
+    with fuzz_app.client(timeout=30) as client:
+        fill_queue(client)  # a value that happens to be valid is then refused fast (429), never run
+        try:
+            for field in NUMERIC_FIELDS:
+                sent = [("json", json.dumps({"prompt": "odd numbers", field: value})) for value in (*ODD_STRINGS, *ODD_JSON)]
+                sent.append(("json", f'{{"prompt": "odd numbers", "{field}": 1e400}}'))  # a JSON number Python reads as inf
+                sent += [("form", {"prompt": "odd numbers", field: value}) for value in ODD_STRINGS]
+                for kind, body in sent:
+                    response = (client.post("/v1/videos", content=body, headers={"content-type": "application/json"}) if kind == "json"
+                                else client.post("/v1/videos", data=body))
+                    where = f"{kind} {field}={str(body)[:120]} -> {response.status_code}: {response.text[:300]}"
+                    assert response.status_code < 500, where
+                    if response.status_code in (202, 429):
+                        continue  # a spelling that is a valid value (" 5 ", "+5")
+                    assert 400 <= response.status_code < 500, where
+                    assert [item["field"] for item in response.json()["error"]["fields"]] == [field], where
+        finally:
+            cancel_everything(client)
