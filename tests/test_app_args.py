@@ -80,6 +80,8 @@ def check_serve_config(config: dict, name: str) -> list[AppArgs]:
         assert set(app) <= set(ServeApplicationSchema.model_fields), f"{name}: unknown key in {app['name']}"
         assert app["import_path"] == "deployments.app:build"
         args = AppArgs(**app["args"])
+        # Open to the network only behind API keys: otherwise anyone could list every prompt and delete videos.
+        assert config.get("http_options", {}).get("host") in ("127.0.0.1", "localhost") or args.auth, f"{name}: listens beyond this machine with no API keys"
         scaling = args.generator.autoscaling_config
         if scaling:
             assert set(scaling) <= set(AutoscalingConfig.model_fields), f"{name}: unknown autoscaling key"

@@ -87,7 +87,7 @@ def test_ckpt_dir_that_holds_no_checkpoint_is_refused(capsys, tmp_path):
 
 def test_port_and_replicas_land_where_serve_reads_them(capsys):
     config = dry_run(capsys, "--port", "8123", "--num_replicas", "2")
-    assert config["http_options"] == {"host": "0.0.0.0", "port": 8123}
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8123}
     assert app_args(config)["generator"] == {"num_replicas": 2, "gpus_per_replica": "auto", "memory_policy": "resident"}
 
 
