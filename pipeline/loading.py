@@ -47,10 +47,10 @@ class ModelSource:
     is_demo: bool
 
     def describe(self) -> dict:
+        """What the API may show of the model: not its folder, a path on the server."""
         return {
             "id": self.model_id,
             "source": self.origin,
-            "path": str(self.folder),
             "layout": self.layout,
             "demo_model": self.is_demo,
         }

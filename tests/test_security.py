@@ -72,6 +72,7 @@ def test_any_configured_key_opens_the_api_and_none_leaks(secured):
             assert client.get("/v1/videos").status_code == 200
             config = client.get("/v1/config")
             assert config.status_code == 200 and not any(secret in config.text for secret in KEYS)
+            assert set(config.json()["model"]) == {"id", "source", "layout", "demo_model"}  # no server path
             rejected = client.post("/v1/videos", json={"prompt": "x", "frame_num": 7})
             assert rejected.status_code == 422  # past the key, the request reached validation
 
