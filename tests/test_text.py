@@ -111,3 +111,17 @@ def test_text_dtype_is_bfloat16_only_for_real_checkpoints(demo_source):
     real = ModelSource(Path("Wan2.1-T2V-1.3B"), "original", "Wan2.1-T2V-1.3B", "path", False)
     assert default_text_dtype(demo_source) == torch.float32
     assert default_text_dtype(real) == torch.bfloat16
+
+
+def test_touch_weights_spans_every_weight_and_changes_none(tokenizer, model):
+    encoder = make_encoder(tokenizer, model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    spanned = encoder.touch_weights()
+    assert spanned == sum(tensor.numel() * tensor.element_size() for tensor in (*model.parameters(), *model.buffers()))
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_the_probe_times_one_uncached_pass_of_that_many_tokens(tokenizer, model, forward_calls):
+    encoder = make_encoder(tokenizer, model)
+    assert encoder.probe_seconds(40) > 0
+    assert len(forward_calls) == 1 and (encoder.cache_hits, encoder.cache_misses) == (0, 0)
