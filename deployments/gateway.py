@@ -285,7 +285,7 @@ class Gateway:
             params, overridden = resolve(requested, self.pins, self.defaults)
         except ValidationError as error:
             raise self._invalid(error) from None
-        self._check_limits(params)
+        self._check_limits(params, create.seconds)
         params = params.with_seed()
         encoder = self._pick_encoder(params.t5_cpu)
         offload = self._effective_offload(params.offload_model)
@@ -348,7 +348,12 @@ class Gateway:
         fields = field_errors(error, ALLOWED_REQUEST)
         return ApiError(422, "invalid_parameters", "; ".join(item["message"] for item in fields), fields)
 
-    def _check_limits(self, params) -> None:
+    def _check_limits(self, params, seconds: int | None) -> None:
+        """The operator's limits, named as the request put it: OpenAI's `seconds` stands for frame_num."""
+        if seconds is not None and params.frame_num > self.limits["max_frame_num"]:
+            most = (self.limits["max_frame_num"] - 1) // 16
+            raise field_error(422, "invalid_parameters", "seconds", f"{seconds} s is {params.frame_num} frames, above this server's "
+                              f"limit of {self.limits['max_frame_num']}; allowed: at most {most} s (or frame_num)", seconds)
         for name, limit in (("frame_num", self.limits["max_frame_num"]), ("sample_steps", self.limits["max_sample_steps"])):
             value = getattr(params, name)
             if value > limit:

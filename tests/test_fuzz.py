@@ -36,7 +36,8 @@ REPORT = Path(__file__).resolve().parent.parent / "test-artifacts" / "fuzz.json"
 @pytest.fixture(scope="module")
 def fuzz_app(serve_instance, tmp_path_factory):
     args = tiny_args(tmp_path_factory.mktemp("fuzz"), max_pending_jobs=MAX_PENDING,
-                     limits={"max_frame_num": LONG["frame_num"]}, pins={"size": LONG["size"]})
+                     limits={"max_frame_num": LONG["frame_num"]}, pins={"size": LONG["size"]},
+                     defaults={"frame_num": LONG["frame_num"]})  # within the limit: a body without frames is valid
     app = deploy(serve_instance, "fuzz", args)
     yield app
     serve.delete(app.name)
@@ -161,9 +162,10 @@ def test_every_numeric_field_refuses_odd_values_with_a_4xx_naming_it(fuzz_app):
         fill_queue(client)  # a value that happens to be valid is then refused fast (429), never run
         try:
             for field in NUMERIC_FIELDS:
-                sent = [("json", json.dumps({"prompt": "odd numbers", field: value})) for value in (*ODD_STRINGS, *ODD_JSON)]
-                sent.append(("json", f'{{"prompt": "odd numbers", "{field}": 1e400}}'))  # a JSON number Python reads as inf
-                sent += [("form", {"prompt": "odd numbers", field: value}) for value in ODD_STRINGS]
+                base = {"prompt": "odd numbers"}  # a spelling that is a valid value (" 5 ", "+5") then meets the full queue
+                sent = [("json", json.dumps({**base, field: value})) for value in (*ODD_STRINGS, *ODD_JSON)]
+                sent.append(("json", json.dumps(base)[:-1] + f', "{field}": 1e400}}'))  # a JSON number Python reads as inf
+                sent += [("form", {**base, field: value}) for value in ODD_STRINGS]
                 for kind, body in sent:
                     response = (client.post("/v1/videos", content=body, headers={"content-type": "application/json"}) if kind == "json"
                                 else client.post("/v1/videos", data=body))
