@@ -352,8 +352,9 @@ class Gateway:
         """The operator's limits, named as the request put it: OpenAI's `seconds` stands for frame_num."""
         if seconds is not None and params.frame_num > self.limits["max_frame_num"]:
             most = (self.limits["max_frame_num"] - 1) // 16
+            allowed = f"at most {most} s" if most >= 1 else f"none (give frame_num, at most {self.limits['max_frame_num']})"
             raise field_error(422, "invalid_parameters", "seconds", f"{seconds} s is {params.frame_num} frames, above this server's "
-                              f"limit of {self.limits['max_frame_num']}; allowed: at most {most} s (or frame_num)", seconds)
+                              f"limit of {self.limits['max_frame_num']}; allowed: {allowed}", seconds)
         for name, limit in (("frame_num", self.limits["max_frame_num"]), ("sample_steps", self.limits["max_sample_steps"])):
             value = getattr(params, name)
             if value > limit:
