@@ -39,7 +39,13 @@ class GenerationResult:
     video_path: Path | None = None  # the MP4, when generate() was asked to write one
 
 
-WARM_PROMPT_TOKENS, WARM_NEGATIVE_TOKENS = 40, 120  # typical umT5 lengths; any two distinct ones would do
+# Context lengths the compiled blocks are warmed with (real tokens; the context adds 2 padding rows):
+# 42 rows, not a multiple of 8, and 128 rows, a multiple of 8. Inductor's attention lowering guards
+# on `rows % 8 == 0` (`is_aligned`), so each alignment is its own compiled graph, and so is each
+# pass of a guidance step (block 0's shared self-attention keeps or reuses). Missing one left its
+# compile to the first job that met it: on an H200 the 352-row default negative prompt took
+# 58.4 s instead of 45 s (bench/results/service-h200-2026-12-02).
+WARM_CONTEXT_TOKENS = (40, 126)
 
 
 class VideoModel:
@@ -148,12 +154,11 @@ class VideoModel:
         started = time.perf_counter()
         with phases.phase("compile_warmup"):
             warm = warm_params.model_copy(update={"sample_steps": 1, "seed": 0})
-            # A prompt and a negative prompt of two lengths, as real ones have: compiled blocks see the
-            # context's length vary here, at start-up, and not first in a user's job (contexts of one
-            # length left that to the first job on an H200: 77 s instead of 44.5 s).
+            # Each length in each pass: the prompt's (conditional) and the negative prompt's (unconditional).
             dtype = self.models.transformer.dtype
-            self.generate(warm, torch.zeros(WARM_PROMPT_TOKENS, self.text_dim, dtype=dtype),
-                          torch.zeros(WARM_NEGATIVE_TOKENS, self.text_dim, dtype=dtype))
+            short, long = (torch.zeros(tokens, self.text_dim, dtype=dtype) for tokens in WARM_CONTEXT_TOKENS)
+            for context, negative_context in ((short, long), (long, short)):
+                self.generate(warm, context, negative_context)
         warmup_s = time.perf_counter() - started
         if cache is not None and not cached:
             with phases.phase("compile_cache_save"):

@@ -31,7 +31,7 @@ CancelCheck = Callable[[], bool]
 
 
 class GenerationCancelled(Exception):
-    """Raised between steps when the caller asked to stop; no VAE decode follows."""
+    """Raised between steps, or between a step's two passes, when the caller asked to stop; no VAE decode follows."""
 
 
 def flow_sigmas(steps: int, shift: float) -> np.ndarray:
@@ -116,8 +116,7 @@ def denoise(
     latents = initial_noise(shape, request.seed, device)
     try:
         for i, t in enumerate(scheduler.timesteps):
-            if should_cancel is not None and should_cancel():
-                raise GenerationCancelled(f"cancelled before step {i + 1} of {request.steps}")
+            _stop_if_cancelled(should_cancel, f"before step {i + 1} of {request.steps}")
             model_input = latents.to(dtype)
             timestep = t.expand(latents.shape[0])
             # The official DiT returns float32, so guidance is computed in float32.
@@ -128,6 +127,8 @@ def denoise(
                     uncond_future = side_thread.submit(predict_uncond, model_input.to(uncond_device), timestep.to(uncond_device))
                 elif use_guidance:
                     noise_uncond = predict_uncond(model_input, timestep).to(device).float()
+                    # Between the two passes too: a cancelled job gives the GPU back within half a step.
+                    _stop_if_cancelled(should_cancel, f"during step {i + 1} of {request.steps}")
                     if uncond_model is transformer:  # (a CFG-parallel copy, run in turn while it compiles, keeps nothing)
                         second_pass()
                 noise_pred = predict_cond(model_input, timestep).float()
@@ -142,6 +143,11 @@ def denoise(
         if side_thread is not None:
             side_thread.shutdown(wait=True)
     return latents
+
+
+def _stop_if_cancelled(should_cancel: CancelCheck | None, where: str) -> None:
+    if should_cancel is not None and should_cancel():
+        raise GenerationCancelled(f"cancelled {where}")
 
 
 def _dit_pass(transformer, branch: str, context: PendingContext, device: torch.device, dtype: torch.dtype) -> Callable[..., torch.Tensor]:

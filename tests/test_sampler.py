@@ -97,6 +97,13 @@ def test_cancel_stops_within_one_step(transformer, dit_calls):
     assert len(dit_calls) == 2 * 2  # two steps, conditional + unconditional each
 
 
+def test_cancel_between_a_steps_two_passes_skips_the_conditional_pass(transformer, dit_calls):
+    """A cancel that arrives during the unconditional pass stops before the conditional one: the GPU
+    is given back within half a step."""
+    with pytest.raises(GenerationCancelled, match="during step 2 of 6"):
+        denoise(transformer, small_request(steps=6, guide_scale=6.0), CPU, should_cancel=lambda: len(dit_calls) >= 3)
+    assert len(dit_calls) == 3  # step 1's two passes, step 2's unconditional pass
+
 @pytest.fixture(scope="module")
 def video_model(demo_source):
     return VideoModel.load(demo_source, CPU)

@@ -65,3 +65,18 @@ def test_fast_path_final_latents_match_the_reference_path(models, embeddings):
     assert got.shape == expected.shape == (1, 16, 5, 60, 104)
     error = relative_error(got, expected)
     assert error < TOLERANCE, f"fast path latents differ from the reference by {error:.2%}"
+
+
+def test_after_the_warm_up_no_prompt_length_compiles_again(embeddings):
+    """The replica's warm-up (`VideoModel.compile` with the expected shape) leaves no compile to a job:
+    prompts and negative prompts of any length and alignment (rows = tokens + 2; Inductor guards on
+    rows % 8) in either pass run graphs compiled at start-up. The 352-row default negative prompt
+    once cost the first job 13 s."""
+    model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
+    model.compile(PARAMS)
+    graphs = counters["stats"]["unique_graphs"]
+    text = torch.cat(embeddings).repeat(4, 1)  # 640 rows to cut prompts from
+    for prompt_tokens, negative_tokens in ((40, 120), (198, 350), (350, 198), (6, 509), (509, 6)):
+        model.generate(PARAMS.model_copy(update={"sample_steps": 1}), text[:prompt_tokens], text[:negative_tokens])
+        compiled = counters["stats"]["unique_graphs"] - graphs
+        assert compiled == 0, f"{compiled} graph(s) compiled for a {prompt_tokens}-token prompt and a {negative_tokens}-token negative prompt"
