@@ -1,110 +1,306 @@
-"""Print the README's performance table from the committed result files in bench/results/.
+"""Write the README's performance table and bench/RESULTS.md from the result files in bench/results/.
 
-Usage: python bench/report.py [RESULTS_DIR]   (paste the output between the README's markers)
-Each row names the result file it comes from; every comparison is from one run on one machine.
+Usage: python bench/report.py [--check]
+
+bench/results/manifest.json names the current result files, what each measures and the README
+rows each feeds. This script writes
+  - README.md between `<!-- perf-table:start -->` and `<!-- perf-table:end -->`: the current code
+    only, one row per path, each ratio taken against a baseline measured in the same run;
+  - bench/RESULTS.md: every result file, current and archived (bench/results/archive/), with its
+    date, device, what it measured and its headline figures: the history.
+A result file that no manifest entry names, outside archive/, is reported: move it into archive/
+(`git mv`) and describe it under the manifest's `archived`, or add a `current` entry for it.
+--check writes nothing and exits 1 when either file is out of date or a result file is unaccounted for.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import statistics
 import sys
 from pathlib import Path
 
-RESULTS = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
-BASE = "nvidia-h100-80gb-hbm3-2026-11-26"
-MAIN = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v6-overlap-reversed"  # current code: prompt encoded during step 1, and before
-OVERLAP_OTHER_ORDER = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v6-overlap"  # the same machine minutes earlier, other order
-FIFTH_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v6"  # current code with the reference, on the day's slowest card
-SAVINGS = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-reversed"  # the DiT savings, each undone in one run; fast measured last
-SAME_MACHINE = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5"  # minutes earlier, fast measured first
-OTHER_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v4"  # another H100, block-0 sharing only
-TWO_GPUS = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-cfg"  # a third host: one GPU and CFG-parallel, current DiT
-FOURTH_HOST = "nvidia-h100-80gb-hbm3-2026-11-27-fast-v5-host-d"  # a fourth host, current DiT
-CACHES = "nvidia-h100-80gb-hbm3-2026-11-27-cache-v4"  # step caches, measured again after the fused elementwise DiT
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+ARCHIVE = RESULTS / "archive"
+MANIFEST = RESULTS / "manifest.json"
+README = ROOT / "README.md"
+HISTORY = BENCH / "RESULTS.md"
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+SUPERSCRIPT = " ¹²³⁴⁵⁶⁷⁸⁹"
+COMPANION_SUFFIXES = (".md", "-smi.csv")  # written beside a result file by bench/gpu.py and bench/profile_gpu.py
 
 
-def load(name: str) -> dict:
-    return json.loads((RESULTS / f"{name}.json").read_text())
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
-def end_to_end(run: dict) -> float:
+def section(run: dict, dotted: str) -> dict:
+    for key in dotted.split("."):
+        run = run[key]
+    return run
+
+
+def end_to_end(part: dict) -> float:
     """Prompt -> MP4 file where the run recorded it, else generation + MP4 write (no text encode)."""
-    return run.get("end_to_end_s") or run["generate_s"] + run.get("mp4_write_s", 0)
+    return part.get("end_to_end_s") or part["generate_s"] + part.get("mp4_write_s", 0)
 
 
-def main() -> None:
-    main_run, other_order, fifth_host = load(MAIN), load(OVERLAP_OTHER_ORDER), load(FIFTH_HOST)
-    savings, same_machine, other_host, fourth_host = load(SAVINGS), load(SAME_MACHINE), load(OTHER_HOST), load(FOURTH_HOST)
-    before_run, first_run = load(f"{BASE}-fast-v3"), load(f"{BASE}-fast")
-    two_gpus, two_gpus_before, caches = load(TWO_GPUS), load(f"{BASE}-fast-v3-cfg"), load(CACHES)
-    policies = load(f"{BASE}-policies50-v3-warm")["policies"]
-    offload = load(f"{BASE}-policies50-v3")["policies"]["offload"]  # that run's resident was timed cold: no ratio
-    cfg, cfg_before, cache = two_gpus["cfg_parallel"], two_gpus_before["cfg_parallel"], caches["step_cache"]
-    rows = [
-        ("diffusers WanPipeline (baseline)", main_run["diffusers"], None, MAIN),
-        ("ours, fast: FA3 + compiled + rearranged DiT + bf16 VAE, prompt encoded during step 1", main_run["fast"], main_run["diffusers"], MAIN),
-        ("ours, fast, prompt encoded before the generation", main_run["fast_prompt_first"], main_run["diffusers"], MAIN),
-        ("ours, fast, prompt encoded before (baseline of its run: same machine, other order)", other_order["fast_prompt_first"], None, OVERLAP_OTHER_ORDER),
-        ("ours, fast, prompt encoded during step 1 (same machine, other order)", other_order["fast"], other_order["fast_prompt_first"], OVERLAP_OTHER_ORDER),
-        ("diffusers WanPipeline (baseline, another H100)", fifth_host["diffusers"], None, FIFTH_HOST),
-        ("ours, reference (SDPA, eager, fp32 VAE; another H100)", fifth_host["resident"], fifth_host["diffusers"], FIFTH_HOST),
-        ("ours, fast, prompt encoded during step 1 (another H100)", fifth_host["fast"], fifth_host["diffusers"], FIFTH_HOST),
-        ("diffusers WanPipeline (baseline, before the prompt overlap)", savings["diffusers"], None, SAVINGS),
-        ("ours, reference (before the prompt overlap)", savings["resident"], savings["diffusers"], SAVINGS),
-        ("ours, fast (before the prompt overlap)", savings["fast"], savings["diffusers"], SAVINGS),
-        ("ours, fast, block 0's self-attention in both guidance passes", savings["fast_unshared"], savings["diffusers"], SAVINGS),
-        ("ours, fast, cross-attention over 512 padded text rows", savings["fast_padded"], savings["diffusers"], SAVINGS),
-        ("diffusers WanPipeline (baseline, same machine, other order)", same_machine["diffusers"], None, SAME_MACHINE),
-        ("ours, fast (measured first)", same_machine["fast"], same_machine["diffusers"], SAME_MACHINE),
-        ("diffusers WanPipeline (baseline, a fourth H100)", fourth_host["diffusers"], None, FOURTH_HOST),
-        ("ours, reference (a fourth H100)", fourth_host["resident"], fourth_host["diffusers"], FOURTH_HOST),
-        ("ours, fast (a fourth H100)", fourth_host["fast"], fourth_host["diffusers"], FOURTH_HOST),
-        ("diffusers WanPipeline (baseline, another H100)", other_host["diffusers"], None, OTHER_HOST),
-        ("ours, fast, block 0 shared, cross-attention over 512 rows (another H100)", other_host["fast"], other_host["diffusers"], OTHER_HOST),
-        ("ours, fast, block 0 not shared, 512 rows (another H100)", other_host["fast_unshared"], other_host["diffusers"], OTHER_HOST),
-        ("diffusers WanPipeline (baseline, earlier run)", before_run["diffusers"], None, f"{BASE}-fast-v3"),
-        ("ours, fast before sharing block 0 and compact cross-attention", before_run["fast"], before_run["diffusers"], f"{BASE}-fast-v3"),
-        ("diffusers WanPipeline (baseline, first run)", first_run["diffusers"], None, f"{BASE}-fast"),
-        ("ours, compiled DiT blocks (SDPA, fp32 VAE)", first_run["compiled"], first_run["diffusers"], f"{BASE}-fast"),
-        ("ours, FlashAttention-3 (eager, fp32 VAE)", first_run["flash3"], first_run["diffusers"], f"{BASE}-fast"),
-        ("ours, resident (policy run, no text encode)", policies["resident"], None, f"{BASE}-policies50-v3-warm"),
-        ("ours, stream policy (fp32 VAE, tiled)", policies["stream"], policies["resident"], f"{BASE}-policies50-v3-warm"),
-        ("ours, reference, one GPU (2-GPU host)", two_gpus["resident"], None, TWO_GPUS),
-        ("ours, fast, one GPU (2-GPU host)", two_gpus["fast"], two_gpus["resident"], TWO_GPUS),
-        ("ours, CFG-parallel, 2 GPUs, fast", cfg["fast"], two_gpus["resident"], TWO_GPUS),
-        ("ours, reference, one GPU (2-GPU host, earlier run)", two_gpus_before["resident"], None, f"{BASE}-fast-v3-cfg"),
-        ("ours, CFG-parallel, 2 GPUs, SDPA + fp32 VAE", cfg_before["exact"], two_gpus_before["resident"], f"{BASE}-fast-v3-cfg"),
-        ("ours, CFG-parallel, 2 GPUs, fast (before the two savings)", cfg_before["fast"], two_gpus_before["resident"], f"{BASE}-fast-v3-cfg"),
-        ("ours, reference, one GPU (2-GPU host, step-cache run)", caches["resident"], None, CACHES),
-        ("ours, first-block cache 0.05 (opt-in), FA3 + bf16 VAE", cache["first_block_0.05"], caches["resident"], CACHES),
-        ("ours, TaylorSeer step cache (opt-in), FA3 + bf16 VAE", cache["taylorseer_interval5"], caches["resident"], CACHES),
-        ("ours, TaylorSeer + CFG-parallel, 2 GPUs", cache["taylorseer_interval5_cfg_parallel"], caches["resident"], CACHES),
+def rel(path: Path) -> str:
+    return path.relative_to(RESULTS).as_posix()
+
+
+# -- the README's table ---------------------------------------------------------------------------
+
+
+def service_row(run: dict) -> dict:
+    """The soak's completed videos against the same session's direct fast path at its steady step time."""
+    soak, direct = run["soak"], run["direct"]["fast"]
+    done = [job for job in soak["jobs"] if job["status"] == "completed"]
+    served = statistics.median(job["served_s"] for job in done)
+    steady = direct["steps"] * direct["per_step_s"] + direct["decode_s"] + direct["mp4_write_after_decode_s"]
+    first, rest = done[0]["served_s"], statistics.median(job["served_s"] for job in done[1:])
+    ready = [start["ready_s"] for start in run["starts"] if start.get("ready_s")]
+    statuses = soak["http"]["statuses"]
+    return {
+        "per_step_s": statistics.median(job["timings"]["denoise"] / job["steps"] for job in done),
+        "end_to_end_s": served,
+        "ratio": served / steady,
+        "peak_gib": max(job["peak_gpu_memory_bytes"] for job in done) / 2**30,
+        "facts": (
+            f"{len(done)} videos; first video {first / rest:.3f}× the median of the rest; "
+            f"{soak['http']['failed_requests']} failed of {sum(statuses.values())} requests; "
+            f"/readyz 200 after {min(ready):.0f} s at best (a later start), "
+            f"{max(ready):.0f} s on a machine's first start, which compiles"
+        ),
+    }
+
+
+def reference_vs_diffusers() -> str:
+    """The range of reference / diffusers over every run (current or archived) that measured both."""
+    ratios = []
+    for path in sorted(RESULTS.rglob("*.json")):
+        run = load(path) if path != MANIFEST else {}
+        if isinstance(run.get("diffusers"), dict) and isinstance(run.get("resident"), dict):
+            if "generate_s" in run["diffusers"] and "generate_s" in run["resident"]:
+                ratios.append(end_to_end(run["resident"]) / end_to_end(run["diffusers"]))
+    return f"{min(ratios):.2f}-{max(ratios):.2f}×"
+
+
+def table(manifest: dict) -> str:
+    lines = [
+        f"One row per path, each from the newest run that measured it; ratios against a baseline of the "
+        f"same run on the same card. Workload: {manifest['workload']}.",
+        "",
+        "| path | card | s/step | prompt → MP4, s | same-run ratio | peak GPU GiB | result file |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    print(f"{main_run['device']}, {main_run['date']}; 832x480, 81 frames, 50 steps, guidance 6; random weights of the real shapes.\n")
-    print("| path | s/step | prompt → MP4 file, s | vs baseline of its run | peak GPU GiB | latents vs reference | result file |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, run, baseline, source in rows:
-        e2e = end_to_end(run)
-        ratio = f"{e2e / end_to_end(baseline):.2f}×" if baseline else "1.00×"
-        error = run.get("latents_rel_error_vs_reference")
-        is_reference = "official_sigmas_first_last" in run  # a `resident` section: the run's reference path
-        error = "0 (reference)" if is_reference else ("—" if error is None else f"{error:.3g}")
-        print(f"| {name} | {run['per_step_s']:.3f} | {e2e:.2f} | {ratio} | {run['peak_gib']} | {error} | `{source}.json` |")
-    text = main_run["text"]
-    vae = before_run["vae"]  # the VAE decode has not changed since
-    print(
-        f"\numT5-XXL, 40-token prompt: {text['cpu_bfloat16_16threads_s']} s on 16 CPU cores in bf16 "
-        f"(fp32 {text['cpu_float32_16threads_s']} s), {text['gpu_40_tokens_s']} s on the GPU, {text['cache_hit_s'] * 1000:.2f} ms "
-        f"when cached. VAE decode: fp32 {vae['fp32']['decode_s']} s / {vae['fp32']['peak_gib']} GiB, bf16 "
-        f"{vae['bf16']['decode_s']} s / {vae['bf16']['peak_gib']} GiB at {vae['bf16']['psnr_db_vs_fp32']} dB PSNR against fp32, "
-        f"bf16 as the fast path decodes (pipeline/vae.py) {vae['bf16_fast']['decode_s']} s / {vae['bf16_fast']['peak_gib']} GiB "
-        f"at {vae['bf16_fast']['psnr_db_vs_fp32']} dB. "
-        f"Stream policy: peak {policies['stream']['peak_gib']} GiB, {policies['stream']['slowdown_vs_resident'] * 100:.1f} % "
-        f"slower than resident over 50 steps. Offload (`{BASE}-policies50-v3`): peak {offload['peak_gib']} GiB, "
-        f"{offload['per_step_s']} s per step, plus {offload['denoise_s'] - 50 * offload['per_step_s']:.1f} s per video "
-        f"moving the DiT to the GPU and back."
-    )
+    notes = []
+    for entry in manifest["current"]:
+        if not entry["rows"]:
+            continue
+        run = load(RESULTS / entry["file"])
+        for row in entry["rows"]:
+            if row.get("kind") == "service":
+                figures = service_row(run)
+                part, ratio = figures, f"{figures['ratio']:.3f}× {row['baseline_name']}"
+            else:
+                part, baseline = section(run, row["section"]), section(run, row["baseline"])
+                ratio = f"{end_to_end(part) / end_to_end(baseline):.2f}× {row['baseline_name']}"
+                if "also" in row:
+                    other = section(run, row["also"]["section"])
+                    ratio += f", {end_to_end(part) / end_to_end(other):.2f}× its {row['also']['name']}"
+            note = row.get("note", "").format(reference_vs_diffusers=reference_vs_diffusers())
+            if row.get("kind") == "service":
+                note += f" {part['facts']}."
+            mark = ""
+            if note:
+                notes.append(note)
+                mark = SUPERSCRIPT[len(notes)]
+            lines.append(
+                f"| {row['path']}{mark} | {row['card']} | {part['per_step_s']:.3f} | {end_to_end(part):.2f} | {ratio} "
+                f"| {part['peak_gib']:.2f} | `{entry['file']}` |"
+            )
+    lines.append("")
+    lines += [f"{SUPERSCRIPT[n]} {note}" for n, note in enumerate(notes, 1)]
+    return "\n".join(lines)
+
+
+# -- bench/RESULTS.md -----------------------------------------------------------------------------
+
+SKIP = {"workload", "machine", "app_args", "versions", "host", "files", "parameters", "kernels", "variant", "starts",
+        "targets", "planned", "by_client", "serve_log", "gpu_memory", "shapes", "ops", "top_kernels_ms"}
+
+
+def fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def leaf_figure(name: str, part: dict) -> str | None:
+    """A section's headline: its time (and step time, peak memory, distance to the reference) or its error."""
+    if "error" in part and isinstance(part["error"], str):
+        return f"{name}: failed ({part['error'][:80]})"
+    bits = []
+    if "generate_s" in part:
+        bits.append(f"{fmt(end_to_end(part))} s")
+        if "per_step_s" in part:
+            bits.append(f"{fmt(part['per_step_s'])} s/step")
+    else:
+        for key, unit in (("forward_s", "s/forward"), ("decode_s", "s"), ("step_s", "s/step"), ("ms", "ms"),
+                          ("sustained_tflops", "TFLOP/s sustained"), ("median_s", "s median"), ("seconds", "s")):
+            value = part.get(key)
+            if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+                value = statistics.median(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                bits.append(f"{fmt(value)} {unit}")
+                break
+        if "s" in part and not bits:
+            value = part["s"]
+            value = statistics.median(value) if isinstance(value, list) else value
+            bits.append(f"{fmt(value)} s")
+    if not bits:
+        return None
+    if "peak_gib" in part:
+        bits.append(f"{part['peak_gib']} GiB")
+    error = part.get("latents_rel_error_vs_reference")
+    if isinstance(error, (int, float)):
+        bits.append(f"latents {error * 100:.2f} % from the reference")
+    return f"{name} {bits[0]}" + (f" ({', '.join(bits[1:])})" if bits[1:] else "")
+
+
+def walk(run: dict, prefix: str = "") -> list[str]:
+    figures = []
+    for key, value in run.items():
+        if key in SKIP or not isinstance(value, dict):
+            continue
+        name = f"{prefix}{key}"
+        figure = leaf_figure(name, value)
+        if figure:
+            figures.append(figure)
+        else:
+            figures += walk(value, f"{name}.")
+    return figures
+
+
+def headline(path: Path) -> str:
+    run = load(path)
+    if "soak" in run and "jobs" in run["soak"]:
+        figures = service_row(run)
+        return (f"median served {figures['end_to_end_s']:.2f} s, {figures['ratio']:.3f}× the direct fast path's steady "
+                f"steps; {figures['facts']}")
+    if "soak" in run:  # a soak that did not run its jobs: its start only
+        ready = ", ".join(f"{start['ready_s']:.1f} s" for start in run.get("starts", []) if start.get("ready_s"))
+        return f"/readyz 200 after {ready}; soak: {run['soak'].get('error', 'no jobs')}"
+    if run.get("benchmark") == "cpu_overhead":
+        return (f"in-process {run['direct']['median_s']} s, through the graph {run['graph']['median_s']} s per video "
+                f"(median): +{run['overhead_s']} s, {run['ratio']}×")
+    if "parts" in run:  # bench/load_original.py
+        return "; ".join(
+            f"{name} cold {times['cold']['seconds']} s (peak RSS {times['cold']['peak_rss_bytes'] / 1e9:.1f} GB), "
+            f"warm {times['warm']['seconds']} s"
+            for name, times in run["parts"].items()
+        )
+    if all(key.isdigit() for key in run):  # encoder threads
+        return "; ".join(f"{threads} threads {statistics.median(t['seconds']):.2f} s" for threads, t in run.items())
+    figures = walk(run)
+    text = run.get("text", {})
+    if "cpu_default_40_tokens_s" in text:
+        figures.append(f"umT5 40 tokens: CPU {text['cpu_default_40_tokens_s']} s, GPU {text.get('gpu_40_tokens_s')} s")
+    return "; ".join(figures) or "—"
+
+
+def companions(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    stem = path.with_suffix("")
+    return [Path(f"{stem}{suffix}") for suffix in COMPANION_SUFFIXES if Path(f"{stem}{suffix}").exists()]
+
+
+def describe(path: Path, what: str, device: str | None = None, date: str | None = None, rows: str = "") -> list[str]:
+    run = load(path) if path.suffix == ".json" else {}
+    device = device or run.get("device") or run.get("host", {}).get("gpu") or "—"
+    match = re.search(r"\d{4}-\d{2}-\d{2}", path.name)
+    date = date or run.get("date") or (match.group(0) if match else "—")
+    others = [f"`{p.name}`" for p in companions(path) if p != path]
+    title = f"### `{rel(path)}`" + (f" (with {', '.join(others)})" if others and len(others) <= 3 else "")
+    lines = [title, "", f"{date} · {device}" + (f" · README rows: {rows}" if rows else ""), "", what]
+    if path.suffix == ".json":
+        lines += ["", f"Figures: {headline(path)}."]
+    elif others:
+        lines += ["", f"Files: {', '.join(others)}."]
+    return lines + [""]
+
+
+def history(manifest: dict) -> str:
+    out = [
+        "# Benchmark results",
+        "",
+        "Written by `python bench/report.py` from `bench/results/manifest.json` and the result files; do not",
+        "edit by hand. The README's performance table shows the current code only; this page lists every",
+        "result file: the current ones in the manifest's order (those feeding the README's rows first), then",
+        f"the archive, oldest first. Workload unless a file says otherwise: {manifest['workload']}.",
+        "Each file's `.md` companion (where there is one) has its full tables; figures here are end-to-end",
+        "seconds (prompt → MP4 file where the run encoded the prompt) unless marked.",
+        "",
+        "## Current",
+        "",
+    ]
+    for entry in manifest["current"]:
+        rows = ", ".join(row["path"] for row in entry["rows"])
+        out += describe(RESULTS / entry["file"], f"**{entry['label']}.** {entry['measures']}", entry.get("device"),
+                        entry.get("date"), rows)
+    out += ["## Archive (superseded)", "",
+            "Files in `bench/results/archive/`: earlier code, repeats on other cards, profiles behind decisions.", ""]
+    archived = sorted(ARCHIVE.glob("*.json"), key=lambda p: (re.search(r"\d{4}-\d{2}-\d{2}", p.name).group(0), p.name))
+    for path in archived:
+        what = manifest["archived"].get(path.name) or load(path).get("note") or "(no description)"
+        out += describe(path, what)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def unaccounted(manifest: dict) -> list[str]:
+    """Result files that neither a current entry (with its companions and folder) nor the archive holds."""
+    known = {MANIFEST}
+    for entry in manifest["current"]:
+        path = RESULTS / entry["file"]
+        if not path.exists():
+            raise SystemExit(f"manifest names {entry['file']}, which is not in bench/results/")
+        known |= {path, *companions(path)}
+        if path.parent != RESULTS:  # a folder of evidence: everything in it is current
+            known |= set(companions(path.parent))
+    for path in ARCHIVE.rglob("*.json"):
+        if path.name not in manifest["archived"] and "note" not in load(path):
+            print(f"warning: archived {rel(path)} has no description in manifest.json", file=sys.stderr)
+    return sorted(rel(p) for p in RESULTS.rglob("*") if p.is_file() and p not in known and ARCHIVE not in p.parents)
+
+
+def main() -> int:
+    check = "--check" in sys.argv[1:]
+    manifest = load(MANIFEST)
+    readme = README.read_text()
+    head, _, rest = readme.partition(START)
+    if START not in readme or END not in rest:
+        raise SystemExit(f"README.md lacks the {START} ... {END} markers")
+    _, _, tail = rest.partition(END)
+    new_readme = f"{head}{START}\n{table(manifest)}\n{END}{tail}"
+    new_history = history(manifest)
+    stray = unaccounted(manifest)
+    for name in stray:
+        print(f"not in the manifest: bench/results/{name} (git mv it into bench/results/archive/ or add an entry)",
+              file=sys.stderr)
+    stale = [path.name for path, text in ((README, new_readme), (HISTORY, new_history))
+             if not path.exists() or path.read_text() != text]
+    if check:
+        for name in stale:
+            print(f"{name} is out of date: run python bench/report.py", file=sys.stderr)
+        return 1 if stale or stray else 0
+    README.write_text(new_readme)
+    HISTORY.write_text(new_history)
+    print(f"wrote README.md's performance table and {HISTORY.relative_to(ROOT)}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
