@@ -91,10 +91,10 @@ def reference_vs_diffusers() -> str:
 
 def table(manifest: dict) -> str:
     lines = [
-        f"One row per path, each from the newest run that measured it; ratios against a baseline of the "
-        f"same run on the same card. Workload: {manifest['workload']}.",
+        f"One row per path, from the newest run that measured it; each ratio against a baseline of the same "
+        f"run on the same card. Workload: {manifest['workload']}.",
         "",
-        "| path | card | s/step | prompt → MP4, s | same-run ratio | peak GPU GiB | result file |",
+        "| path | card | s/step | prompt → MP4, s | same-run ratio | peak GPU GiB | result file (`bench/results/`) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
@@ -123,8 +123,8 @@ def table(manifest: dict) -> str:
                 f"| {row['path']}{mark} | {row['card']} | {part['per_step_s']:.3f} | {end_to_end(part):.2f} | {ratio} "
                 f"| {part['peak_gib']:.2f} | `{entry['file']}` |"
             )
-    lines.append("")
-    lines += [f"{SUPERSCRIPT[n]} {note}" for n, note in enumerate(notes, 1)]
+    for n, note in enumerate(notes, 1):
+        lines += ["", f"{SUPERSCRIPT[n]} {note}"]
     return "\n".join(lines)
 
 
