@@ -164,6 +164,8 @@ def leaf_figure(name: str, part: dict) -> str | None:
         return None
     if "peak_gib" in part:
         bits.append(f"{part['peak_gib']} GiB")
+    if "psnr_db_vs_fp32" in part:
+        bits.append(f"{part['psnr_db_vs_fp32']} dB PSNR against fp32")
     error = part.get("latents_rel_error_vs_reference")
     if isinstance(error, (int, float)):
         bits.append(f"latents {error * 100:.2f} % from the reference")
