@@ -16,19 +16,12 @@ from typing import Literal
 import torch
 
 from pipeline import demo
+from pipeline.release_files import ORIGINAL_FILES
 
 log = logging.getLogger(__name__)
 
 HUB_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 AUTO_FOLDERS = ("Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B-Diffusers")
-# Files of the original Wan2.1 release (the seed's --ckpt_dir ../Wan2.1-T2V-1.3B).
-ORIGINAL_FILES = (
-    "config.json",
-    "diffusion_pytorch_model.safetensors",
-    "models_t5_umt5-xxl-enc-bf16.pth",
-    "Wan2.1_VAE.pth",
-    "google/umt5-xxl",
-)
 DIFFUSERS_PARTS = ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer")
 
 Layout = Literal["diffusers", "original"]

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from pipeline.loading import ORIGINAL_FILES
+from pipeline.release_files import ORIGINAL_FILES
 from pipeline.text import MAX_TEXT_TOKENS
 
 RELEASE_CONFIG, DIT_WEIGHTS, T5_WEIGHTS, VAE_WEIGHTS, TOKENIZER_DIR = ORIGINAL_FILES
