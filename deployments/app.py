@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from deployments.gateway import RETRY_AFTER_S, Gateway
+from deployments.admission import RETRY_AFTER_S
+from deployments.gateway import Gateway
 from deployments.generator import VideoGenerator
+from deployments.messages import GatewaySettings, GeneratorSettings, TextEncoderOptions
 from deployments.precedence import ParamOverrides, resolve
 from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
@@ -35,18 +37,6 @@ DEMO_BANNER = (
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class TextEncoderOptions(Strict):
-    num_replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=1.0, ge=0)
-    # Ray gives a replica as many torch threads as whole CPUs it reserved (one for num_cpus 1);
-    # umT5-XXL on the CPU wants more: 0.28 s per 40-token prompt with 16 threads, 0.65 s with 4.
-    torch_threads: int | None = Field(default=None, ge=1)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    cache_size: int = Field(default=256, ge=0)
-    max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
 
 
 class StepCacheOptions(Strict):
@@ -75,10 +65,10 @@ class GeneratorOptions(Strict):
     honor_request_offload: bool = False
     vae_dtype: Literal["float32", "bfloat16"] = "float32"
     # auto: FlashAttention-3 on a Hopper GPU where installed (the `gpu` extra), else PyTorch SDPA;
-    # flash3: FA3 or a start-up error. Exact attention either way (H100: -12 % per compiled step).
+    # flash3: FA3 or a start-up error. Exact attention either way (its gain: the README's table).
     attention: AttentionKernel = "auto"
     # Regional torch.compile of the DiT blocks, warmed at replica start for the default size and
-    # frame count: -16 % per step on an H100 (bench/results), 50-100 s more start-up.
+    # frame count: faster steps for a longer first start (bench/RESULTS.md; the start's phases: /readyz).
     compile: bool = False
     # Where compiled code persists between starts, in a folder per torch/diffusers/model/GPU/shape key
     # (pipeline/compile_cache.py): only a machine's first start compiles. Safe to delete.
@@ -126,6 +116,9 @@ class GatewayOptions(Strict):
     # Retry-After, as the gateway does past max_pending_jobs, instead of Serve's default 503.
     max_ongoing_requests: int = Field(default=1000, ge=1)
     max_queued_requests: int = Field(default=1000, ge=1)
+    # /readyz answers 503 once a running job has reported no progress for this long: longer than any
+    # denoising step, prompt encode or decode should take, even with the stream policy or on a CPU.
+    stalled_job_s: float = Field(default=300.0, gt=0)
 
 
 class AuthOptions(Strict):
@@ -211,7 +204,7 @@ def build(args: AppArgs) -> serve.Application:
             name=f"TextEncoder{placement.upper()}",
             num_replicas=options.num_replicas,
             ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": gpus},
-        ).bind(source, placement, options.model_dump(), (default_negative,))
+        ).bind(source, placement, options, (default_negative,))
 
     gen = args.generator
     output_dir = Path(args.output_dir).expanduser().resolve()
@@ -223,35 +216,34 @@ def build(args: AppArgs) -> serve.Application:
     scaling = {"autoscaling_config": gen.autoscaling_config} if gen.autoscaling_config else {"num_replicas": gen.num_replicas}
     generator = VideoGenerator.options(
         ray_actor_options={"num_cpus": gen.num_cpus, "num_gpus": gpus}, **scaling
-    ).bind(
-        source,
-        "cuda" if gpus > 0 else "cpu",
-        policy.value,
-        gen.vae_dtype,
-        gen.honor_request_offload,
-        {**args.defaults.given(), **args.pins.given()} if gen.compile else None,
-        gen.cfg_parallel,
-        gen.step_cache.model_dump() if gen.step_cache else None,
-        gen.attention,
-        gen.fault_injection.model_dump() if gen.fault_injection else None,
-        str(Path(gen.compile_cache_dir).expanduser().resolve() if gen.compile_cache_dir else output_dir / "compile-cache"),
-    )
+    ).bind(source, GeneratorSettings(
+        device="cuda" if gpus > 0 else "cpu",
+        memory_policy=policy.value,
+        vae_dtype=gen.vae_dtype,
+        compile_for={**args.defaults.given(), **args.pins.given()} if gen.compile else None,
+        cfg_parallel=gen.cfg_parallel,
+        step_cache=gen.step_cache.model_dump() if gen.step_cache else None,
+        attention=gen.attention,
+        fault_injection=gen.fault_injection.model_dump() if gen.fault_injection else None,
+        compile_cache_dir=str(Path(gen.compile_cache_dir).expanduser().resolve() if gen.compile_cache_dir else output_dir / "compile-cache"),
+    ))
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)
-    settings = {
-        "model": source.describe(),
-        "pins": args.pins.given(),
-        "defaults": args.defaults.given(),
-        "limits": args.limits.model_dump(),
-        "output_dir": str(output_dir),
-        "max_pending_jobs": args.max_pending_jobs,
-        "lease_seconds": args.lease_seconds,
-        "max_attempts": args.max_attempts,
-        "concurrent_jobs": max_generators,
-        "memory_policy": policy.value,
-        "honor_request_offload": gen.honor_request_offload,
-        "security": security,
-    }
+    settings = GatewaySettings(
+        model=source.describe(),
+        pins=args.pins.given(),
+        defaults=args.defaults.given(),
+        limits=args.limits.model_dump(),
+        output_dir=str(output_dir),
+        max_pending_jobs=args.max_pending_jobs,
+        lease_seconds=args.lease_seconds,
+        max_attempts=args.max_attempts,
+        concurrent_jobs=max_generators,
+        memory_policy=policy.value,
+        honor_request_offload=gen.honor_request_offload,
+        stalled_job_s=args.gateway.stalled_job_s,
+        security=security,
+    )
     return Gateway.options(
         num_replicas=args.gateway.num_replicas,
         ray_actor_options={"num_cpus": args.gateway.num_cpus},

@@ -19,6 +19,14 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=None)
 
 
+class CliError(Exception):
+    """A failure a command-line user can act on, and the exit code it ends the command with."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ServerError(Exception):
     """A non-2xx answer, carrying the body's {"error": {code, message, fields}} when it has one."""
 

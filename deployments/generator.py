@@ -22,6 +22,7 @@ from PIL import Image
 from ray import serve
 
 from deployments.faults import OutOfMemoryInjector, freeing_memory_on_oom
+from deployments.messages import EncodedText, GenerateJob, GenerationOutput, GeneratorSettings, ProgressEvent
 from deployments.metrics import GeneratorMetrics
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
@@ -33,108 +34,85 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(max_ongoing_requests=1, graceful_shutdown_timeout_s=30)
 class VideoGenerator:
-    def __init__(
-        self,
-        source: ModelSource,
-        device: str,
-        policy: str,
-        vae_dtype: str,
-        honor_request_offload: bool,
-        compile_for: dict | None = None,
-        cfg_parallel: bool = False,
-        step_cache: dict | None = None,
-        attention: str = "auto",
-        fault_injection: dict | None = None,
-        compile_cache_dir: str | None = None,
-    ):
-        """`compile_for`: operator defaults/pins whose shape the compiled DiT is warmed for; None = eager.
-
-        `fault_injection`: OutOfMemoryInjector's arguments, for tests and drills; None (the default) = off.
-        `compile_cache_dir`: where compiled code persists between starts (pipeline.compile_cache).
-        The replica reports ready (its __init__ returns) only once its first job will run as fast as
+    def __init__(self, source: ModelSource, settings: GeneratorSettings):
+        """The replica reports ready (its __init__ returns) only once its first job will run as fast as
         any later one: weights loaded and placed, compiled code loaded or compiled, warmed.
+        `settings.fault_injection`: OutOfMemoryInjector's arguments, for tests and drills only.
         """
         from pipeline.generator import VideoModel  # here, not at the top: `serve run`'s app builder imports
         # this module, and diffusers' import (seconds) would delay every replica's start
 
         self.startup = StartupPhases()
+        device = settings.device
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
             device = "cpu"
         uncond_device = None
-        if cfg_parallel:
+        if settings.cfg_parallel:
             if device == "cuda" and torch.cuda.device_count() >= 2:
                 uncond_device = torch.device("cuda:1")
             else:
                 log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
-        self.model = VideoModel.load(source, torch.device(device), MemoryPolicy(policy), parse_dtype(vae_dtype),
-                                    uncond_device, attention, self.startup)
-        if step_cache is not None:
-            self.model.enable_step_cache(step_cache["kind"], **step_cache["options"])
-        if compile_for is not None:
-            warm = GenerationParams(prompt="warm-up", **{k: v for k, v in compile_for.items() if k in ("size", "frame_num")})
-            seconds = self.model.compile(warm, compile_cache_dir, self.startup)
+        self.default_policy = MemoryPolicy(settings.memory_policy)
+        self.model = VideoModel.load(source, torch.device(device), self.default_policy, parse_dtype(settings.vae_dtype),
+                                    uncond_device, settings.attention, self.startup)
+        if settings.step_cache is not None:
+            self.model.enable_step_cache(settings.step_cache["kind"], **settings.step_cache["options"])
+        if settings.compile_for is not None:
+            warm = GenerationParams(prompt="warm-up", **{k: v for k, v in settings.compile_for.items() if k in ("size", "frame_num")})
+            seconds = self.model.compile(warm, settings.compile_cache_dir, self.startup)
             log.info("compiled DiT blocks and VAE norms, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, seconds)
-        self.default_policy = MemoryPolicy(policy)
-        self.honor_request_offload = honor_request_offload
         # One generation at a time per replica, also while a cancelled one finishes its current step.
         self._running = threading.Lock()
-        self.faults = OutOfMemoryInjector(**fault_injection) if fault_injection else None
+        self.faults = OutOfMemoryInjector(**settings.fault_injection) if settings.fault_injection else None
         self.metrics = GeneratorMetrics()
         log.info("VideoGenerator %s", self.startup.done())
 
-    async def generate(self, job: dict):
-        """job = {"params": dict, "context": ObjectRef, "negative_context": ObjectRef}; yields event dicts.
+    async def generate(self, job: GenerateJob):
+        """Yields a ProgressEvent per step and phase, then the GenerationOutput.
 
-        The references are to TextEncoder.encode results, possibly still being computed: the
+        The job's references are to TextEncoder.encode results, possibly still being computed: the
         negative prompt's is waited for first, the prompt's only after step 1's unconditional pass.
         """
-        params = GenerationParams(**job["params"])
+        params = job.params
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[dict] = asyncio.Queue()
+        events: asyncio.Queue[ProgressEvent] = asyncio.Queue()
         cancelled = threading.Event()
         observers = [self.metrics.step_timer()] + ([self.faults.for_next_job()] if self.faults else [])
 
         def on_progress(phase: str, step: int, total: int) -> None:
             for observe in observers:
                 observe(phase, step, total)
-            loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "phase": phase, "step": step, "total": total})
+            loop.call_soon_threadsafe(events.put_nowait, ProgressEvent(phase=phase, step=step, total=total))
 
-        def run() -> dict:
+        def run() -> GenerationOutput:
             with self._running:
                 on_progress("denoise", 0, params.sample_steps)  # this replica has the job: the GPU starts now
-                self.model.models.switch(self._policy_for(params))
+                self.model.models.switch(MemoryPolicy(job.memory_policy))
                 waited = time.perf_counter()
-                negative = _encoded(job["negative_context"])
+                negative = _encoded(job.negative_context)
                 negative_wait = time.perf_counter() - waited
-                prompt: dict = {}
+                prompt: list[EncodedText] = []
 
                 def prompt_embeddings() -> torch.Tensor:
-                    prompt.update(_encoded(job["context"]))
-                    return prompt["embeddings"]
+                    prompt.append(_encoded(job.context))
+                    return prompt[0].embeddings
 
                 with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
                     result = freeing_memory_on_oom(
-                        lambda: self.model.generate(params, prompt_embeddings, negative["embeddings"],
+                        lambda: self.model.generate(params, prompt_embeddings, negative.embeddings,
                                                     on_progress, cancelled.is_set, video_path=Path(folder) / "video.mp4"),
                         self.model.device,
                     )
                     mp4 = result.video_path.read_bytes()
                 log.info("generated %d frames at %s, %d steps, in %.1fs", result.frames.shape[0], params.size, params.sample_steps, sum(result.timings.values()))
                 # The encoders' own times and every wait for them: the gateway never fetches the
-                # embeddings (see deployments.gateway), so they travel to it from here as numbers.
-                timings = {"text_encode": prompt["seconds"], "negative_text_encode": negative["seconds"],
+                # embeddings (see deployments.job_runner), so they travel to it from here as numbers.
+                timings = {"text_encode": prompt[0].seconds, "negative_text_encode": negative.seconds,
                            "negative_prompt_wait": negative_wait, **result.timings}
-                return {
-                    "type": "result",
-                    "mp4": mp4,
-                    "thumbnail": _jpeg(result.frames[0]),
-                    "frames": int(result.frames.shape[0]),
-                    "timings": timings,
-                    "peak_gpu_bytes": result.peak_gpu_bytes,
-                    "memory_policy": self.model.policy.value,
-                    "device": str(self.model.device),
-                }
+                return GenerationOutput(mp4=mp4, thumbnail=_jpeg(result.frames[0]), frames=int(result.frames.shape[0]),
+                                        timings=timings, peak_gpu_bytes=result.peak_gpu_bytes,
+                                        memory_policy=self.model.policy.value, device=str(self.model.device))
 
         work = asyncio.ensure_future(asyncio.to_thread(run))
         try:
@@ -154,11 +132,6 @@ class VideoGenerator:
                 cancelled.set()  # the caller went away: stop before the next step
                 work.add_done_callback(_log_unless_cancelled)
 
-    def _policy_for(self, params: GenerationParams) -> MemoryPolicy:
-        if self.honor_request_offload and params.offload_model is not None:
-            return MemoryPolicy.from_offload_flag(params.offload_model)
-        return self.default_policy
-
     def describe(self) -> dict:
         """Placement and policy of this replica; also the readiness probe."""
         return {
@@ -171,8 +144,8 @@ class VideoGenerator:
         }
 
 
-def _encoded(encoded: ray.ObjectRef) -> dict:
-    """TextEncoder.encode's result {"embeddings", "seconds"}: blocks this worker thread until it is done
+def _encoded(encoded: ray.ObjectRef) -> EncodedText:
+    """TextEncoder.encode's result: blocks this worker thread until it is done
     (unpickled here, on the calling thread); its error, if any, is the job's."""
     return ray.get(encoded)
 

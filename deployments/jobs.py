@@ -129,6 +129,15 @@ class JobStore:
     def count(self, status: str) -> int:
         return self._read("SELECT COUNT(*) FROM jobs WHERE status = ?", (status,))[0][0]
 
+    def stalest_running_s(self) -> float | None:
+        """Seconds since the running job that changed least recently last changed; None when none runs."""
+        rows = self._read(
+            "SELECT MIN(COALESCE(last, 0)) FROM (SELECT (SELECT MAX(at) FROM events WHERE job_id = jobs.id) AS last "
+            "FROM jobs WHERE status = 'in_progress')"
+        )
+        last = rows[0][0]
+        return None if last is None else time.time() - last
+
     def _queue_position(self, seq: int) -> int:
         return self._read("SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND seq <= ?", (seq,))[0][0]
 

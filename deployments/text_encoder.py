@@ -16,6 +16,7 @@ import time
 import torch
 from ray import serve
 
+from deployments.messages import EncodedText, TextEncoderOptions
 from deployments.metrics import TextEncoderMetrics
 from pipeline.loading import ModelSource, load_text_encoder, parse_dtype, default_text_dtype
 from pipeline.startup import StartupPhases
@@ -26,7 +27,7 @@ log = logging.getLogger("ray.serve")
 
 @serve.deployment(max_ongoing_requests=64)
 class TextEncoder:
-    def __init__(self, source: ModelSource, placement: str, options: dict, warm_texts: tuple[str, ...] = ()):
+    def __init__(self, source: ModelSource, placement: str, options: TextEncoderOptions, warm_texts: tuple[str, ...] = ()):
         """`warm_texts`: encoded (and so cached) before the replica reports ready: the default negative
         prompt, which nearly every job needs first. The first job then waits for nothing that a later
         one would not: the weights are in memory, the kernels chosen, the negative prompt cached."""
@@ -38,24 +39,24 @@ class TextEncoder:
                 self.device = torch.device("cuda")
             else:
                 log.warning("TextEncoderGPU found no CUDA device; encoding on the CPU")
-        if options["torch_threads"]:
-            torch.set_num_threads(options["torch_threads"])
-        dtype = default_text_dtype(source) if options["dtype"] == "auto" else parse_dtype(options["dtype"])
+        if options.torch_threads:
+            torch.set_num_threads(options.torch_threads)
+        dtype = default_text_dtype(source) if options.dtype == "auto" else parse_dtype(options.dtype)
         with self.startup.phase("load"):
             tokenizer, model = load_text_encoder(source, self.device, dtype)
-        self.encoder = PromptEncoder(tokenizer, model, self.device, cache_size=options["cache_size"])
+        self.encoder = PromptEncoder(tokenizer, model, self.device, cache_size=options.cache_size)
         with self.startup.phase("touch_weights"):
             self.encoder.touch_weights()
         with self.startup.phase("encode_warm_texts"):
             self.encoder.encode(list(warm_texts))
         # What a new 40-token prompt costs with this replica's threads: the number to size them by.
         self.startup.record("probe_40_tokens", self.encoder.probe_seconds(40))
-        self._encode_batch.set_max_batch_size(options["max_batch_size"])
-        self._encode_batch.set_batch_wait_timeout_s(options["batch_wait_timeout_s"])
+        self._encode_batch.set_max_batch_size(options.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self.metrics = TextEncoderMetrics()
         log.info("TextEncoder(%s) on %s in %s, %d threads, %s", placement, self.device, dtype, torch.get_num_threads(), self.startup.done())
 
-    async def encode(self, text: str) -> dict:
+    async def encode(self, text: str) -> EncodedText:
         """Real-token embeddings [n_tokens, dim] of one prompt or negative prompt, with the encode time.
 
         A cached text is answered at once rather than in the next batch: the generator starts a job
@@ -68,7 +69,7 @@ class TextEncoder:
         seconds = time.perf_counter() - started
         self.metrics.encoded(seconds, self.encoder.cache_hits, self.encoder.cache_misses)
         log.info("encoded %d tokens in %.3fs", embeddings.shape[0], seconds)
-        return {"embeddings": embeddings, "seconds": seconds}
+        return EncodedText(embeddings=embeddings, seconds=seconds)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _encode_batch(self, texts: list[str]) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments import cli
+from deployments import cli, launcher
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = REPO / "serve_config.yaml"
@@ -145,7 +145,7 @@ sys.exit(3)
 def test_serve_hands_the_dry_run_yaml_to_serve_run_and_passes_ctrl_c_on_once(capsys, tmp_path, monkeypatch):
     script = tmp_path / "fake_serve_run.py"
     script.write_text(FAKE_SERVE_RUN)
-    monkeypatch.setattr(cli, "SERVE_RUN", [sys.executable, str(script), str(tmp_path)])
+    monkeypatch.setattr(launcher, "SERVE_RUN", [sys.executable, str(script), str(tmp_path)])
     flags = ["--config", str(TINY_CONFIG), "--sample_shift", "9", "--port", "8124"]
 
     def interrupt_once_running():

@@ -174,3 +174,22 @@ def test_write_atomic_leaves_the_old_file_when_writing_fails(tmp_path, monkeypat
         write_atomic(path, b"new and partial")
     assert path.read_bytes() == b"old"
     assert [p.name for p in Path(tmp_path).iterdir()] == ["video.mp4"]  # no temporary left behind
+
+
+def test_stalest_running_s_is_the_quiet_time_of_the_running_job_that_moved_least_recently(store, monkeypatch):
+    """What /readyz reads to tell a busy generator from a stuck one."""
+    assert store.stalest_running_s() is None  # nothing runs
+    clock = [1000.0]
+    monkeypatch.setattr(jobs.time, "time", lambda: clock[0])
+    moving, stuck = submit(store), submit(store)
+    store.claim("a", 3600, capacity=2)
+    store.claim("b", 3600, capacity=2)
+    clock[0] = 1100.0
+    store.update(moving["id"], "a", step=5)
+    clock[0] = 1130.0
+    assert store.stalest_running_s() == pytest.approx(130.0)  # `stuck` has not changed since its claim
+    store.update(stuck["id"], "b", step=1)
+    assert store.stalest_running_s() == pytest.approx(30.0)
+    store.update(moving["id"], "a", status="completed")
+    store.update(stuck["id"], "b", status="failed")
+    assert store.stalest_running_s() is None
