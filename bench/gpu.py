@@ -52,6 +52,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.diffusers_compat import replace_processor  # noqa: E402
 from pipeline.dit import HalvesRopeProcessor  # noqa: E402
 from pipeline.generator import VideoModel  # noqa: E402
 from pipeline.memory import MemoryPolicy  # noqa: E402
@@ -188,10 +189,10 @@ class Bench:
         finally:
             generator_module.rearrange_blocks = rearrange
         if variant == "fast_unshared":
-            model.models.transformer.blocks[0].attn1.processor.__class__ = HalvesRopeProcessor
+            replace_processor(model.models.transformer.blocks[0].attn1, HalvesRopeProcessor())
         if variant == "fast_padded":  # VideoModel then pads the text to 512 rows (pipeline.dit.text_context)
             for block in model.models.transformer.blocks:
-                block.attn2.processor.__class__ = WanAttnProcessor
+                replace_processor(block.attn2, WanAttnProcessor())
         if compiled:
             self.warmup_s = model.compile(self.params, cache_root=self.args.compile_cache)
         else:

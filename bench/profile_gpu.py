@@ -43,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import DEVICE, build_dit, build_vae, relative_error, reset_memory, synced  # noqa: E402
 
 from pipeline.attention import set_attention_kernel  # noqa: E402
+from pipeline.diffusers_compat import replace_processor  # noqa: E402
 from pipeline.dit import HalvesRopeProcessor, linear_gelu_tanh, rearrange_blocks, rotate_halves, text_context  # noqa: E402
 from pipeline.generator import VideoModel  # noqa: E402
 from pipeline.sampler import DenoiseRequest, denoise  # noqa: E402
+from pipeline.torch_compat import set_inductor_options  # noqa: E402
 from pipeline.vae import channels_last_weights, compile_norms, pad_inside_convolutions, speed_up_decode  # noqa: E402
 from pipeline.video import decode_latents  # noqa: E402
 
@@ -192,10 +194,8 @@ class Profiler:
 
     def dit(self, name: str) -> dict:
         changes, mode, inductor = DIT_VARIANTS[name]
-        torch._dynamo.reset()
-        saved = {key: getattr(torch._inductor.config, key) for key in inductor}
-        for key, value in inductor.items():
-            setattr(torch._inductor.config, key, value)
+        torch.compiler.reset()
+        replaced = set_inductor_options(inductor)
         model = build_dit()
         set_attention_kernel(model, "flash3")
         for change in changes:
@@ -218,13 +218,12 @@ class Profiler:
         else:
             run["output_rel_diff_vs_first"] = relative_error(output.float(), self.dit_reference)
         run.update(kernel_profile(forward))
-        for key, value in saved.items():
-            setattr(torch._inductor.config, key, value)
+        set_inductor_options(replaced)
         del model
         return run
 
     def vae(self, name: str) -> dict:
-        torch._dynamo.reset()
+        torch.compiler.reset()
         torch.backends.cudnn.benchmark = False
         vae = build_vae(torch.bfloat16)
         for change in VAE_VARIANTS[name]:
@@ -250,8 +249,8 @@ class Profiler:
     def cfg(self, name: str) -> dict:
         """One guidance step (conditional + unconditional forward) on one GPU: in turn, or on two streams."""
         if self.cfg_model is None:
-            torch._dynamo.reset()
-            torch._inductor.config.coordinate_descent_tuning = True
+            torch.compiler.reset()
+            set_inductor_options({"coordinate_descent_tuning": True})
             self.cfg_model = build_dit()
             set_attention_kernel(self.cfg_model, "flash3")
             rearrange_blocks(self.cfg_model)
@@ -293,10 +292,10 @@ class Profiler:
 
     def loop(self, name: str) -> dict:
         """LOOP_STEPS guidance steps at 832x480x81 through `denoise`, as VideoModel.generate runs them."""
-        torch._dynamo.reset()
+        torch.compiler.reset()
         model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
         if name == "unshared":
-            model.models.transformer.blocks[0].attn1.processor.__class__ = HalvesRopeProcessor
+            replace_processor(model.models.transformer.blocks[0].attn1, HalvesRopeProcessor())
         model.compile()
         transformer = model.models.transformer
         request = DenoiseRequest(context=text_context(transformer, self.prompt), negative_context=text_context(transformer, self.negative_prompt),
@@ -436,7 +435,7 @@ class Profiler:
         """The bf16 decode as VideoModel runs it: GPU time by aten op and input shapes (top 25)."""
         from torch.profiler import ProfilerActivity, profile
 
-        torch._dynamo.reset()
+        torch.compiler.reset()
         vae = build_vae(torch.bfloat16)
         speed_up_decode(vae, channels_last=True)
         compile_norms(vae)
@@ -576,7 +575,7 @@ def kernels() -> dict:
     qk = torch.randn(1, tokens, 1536, **bf16)
     order = (torch.arange(heads)[:, None] * dim + torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])).flatten()
     for name, rope, h in (("diffusers", rope_diffusers, qk), ("stacked", rope_stacked, qk), ("halves", rope_halves, qk[..., order.to(DEVICE)].contiguous())):
-        torch._dynamo.reset()
+        torch.compiler.reset()
         step = torch.compile(lambda h, rope=rope: rope(norm(h).unflatten(2, (heads, -1))), fullgraph=True)
         out[f"norm_rope_{name}_compiled_ms"] = time_ms(lambda: step(h))
         out[f"norm_rope_{name}_output"] = step(h)

@@ -62,13 +62,9 @@ def resolve_kernel(kernel: AttentionKernel, device: torch.device) -> str:
 
 def set_attention_kernel(transformer: torch.nn.Module, kernel: str) -> None:
     """Point every attention processor of `transformer` at `kernel` ("sdpa" or "flash3")."""
-    from diffusers.models import attention_dispatch
-    from diffusers.models.attention_dispatch import AttentionBackendName
+    from pipeline import diffusers_compat
 
-    backend = AttentionBackendName.NATIVE if kernel == "sdpa" else AttentionBackendName._FLASH_3
-    if kernel == "flash3" and attention_dispatch.flash_attn_3_func is None:
-        attention_dispatch.flash_attn_3_func = flash3_function()
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and hasattr(processor, "_attention_backend"):
-            processor._attention_backend = backend
+    if kernel == "flash3":
+        diffusers_compat.provide_flash3_function(flash3_function())
+    backend = diffusers_compat.NATIVE_BACKEND if kernel == "sdpa" else diffusers_compat.FLASH3_BACKEND
+    diffusers_compat.set_processor_backends(transformer, backend)

@@ -36,7 +36,9 @@ from diffusers.models.activations import GELU
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
+from pipeline.diffusers_compat import attention_backend_of, replace_processor, swap_class
 from pipeline.text import MAX_TEXT_TOKENS, PADDING_ROWS, compact_context, pad_context
+from pipeline.torch_compat import addmm_gelu, maybe_mark_dynamic
 
 
 @torch.library.custom_op("wan_t2v::linear_gelu_tanh", mutates_args=())
@@ -48,7 +50,7 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
 @linear_gelu_tanh.register_kernel("cuda")
 def _linear_gelu_tanh_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     # cuBLASLt's GELU_BIAS epilogue, which is the tanh form (PyTorch's CPU kernel for this op is erf).
-    out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    out = addmm_gelu(bias, x.reshape(-1, x.shape[-1]), weight.t())
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -76,7 +78,7 @@ class HalvesRopeProcessor(WanAttnProcessor):
         cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]  # [1, L, 1, head_dim / 2]
         query, key = rotate_halves(query, cos, sin), rotate_halves(key, cos, sin)
         out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend)
+                                    backend=attention_backend_of(self))
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
 
 
@@ -90,8 +92,10 @@ class SharedSelfAttentionProcessor(HalvesRopeProcessor):
     block 0 (a step cache's forecast) keeps nothing, and the second then computes its own.
     """
 
-    keep: bool
-    kept: torch.Tensor | None
+    def __init__(self) -> None:
+        super().__init__()
+        self.keep = False  # on the instance from the start: compiled blocks guard on its attributes
+        self.kept: torch.Tensor | None = None
 
     def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -174,21 +178,20 @@ def compact_cross_attention(transformer: torch.nn.Module) -> None:
     for block in transformer.blocks:
         if type(block.attn2.processor) is not WanAttnProcessor or block.attn2.add_k_proj is not None:
             raise ValueError("compact_cross_attention expects diffusers' text-to-video cross-attention")
-        block.attn2.processor.__class__ = PaddingAsBiasProcessor
+        replace_processor(block.attn2, PaddingAsBiasProcessor())
     transformer.condition_embedder.register_forward_hook(_text_rows_dynamic)
 
 
 def _text_rows_dynamic(_module, _inputs, outputs) -> None:
-    torch._dynamo.maybe_mark_dynamic(outputs[2], 1)  # the embedded context: [B, rows, dim]
+    maybe_mark_dynamic(outputs[2], 1)  # the embedded context: [B, rows, dim]
 
 
 def share_first_self_attention(transformer: torch.nn.Module) -> None:
     """Let block 0's self-attention serve both passes of a guidance step (see `guidance_step`)."""
-    processor = transformer.blocks[0].attn1.processor
-    if type(processor) is not HalvesRopeProcessor:
+    attention = transformer.blocks[0].attn1
+    if type(attention.processor) is not HalvesRopeProcessor:
         raise ValueError("share_first_self_attention expects the (evens, odds) self-attention of `deinterleave_rope`")
-    processor.__class__ = SharedSelfAttentionProcessor
-    processor.keep, processor.kept = False, None  # on the instance from the start: compiled blocks guard on its attributes
+    replace_processor(attention, SharedSelfAttentionProcessor())
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -210,7 +213,7 @@ def deinterleave_rope(transformer: torch.nn.Module) -> None:
         for tensor in (module.to_q.weight, module.to_q.bias, module.to_k.weight, module.to_k.bias,
                        module.norm_q.weight, module.norm_k.weight):
             tensor.data = tensor.data[order]
-        module.processor.__class__ = HalvesRopeProcessor  # keeps the processor's attention backend
+        replace_processor(module, HalvesRopeProcessor())
 
 
 def rearrange_blocks(transformer: torch.nn.Module) -> None:
@@ -218,7 +221,7 @@ def rearrange_blocks(transformer: torch.nn.Module) -> None:
     block 0's self-attention shared by the two passes of a guidance step, compact cross-attention."""
     for module in transformer.modules():
         if type(module) is GELU and module.approximate == "tanh" and module.proj.bias is not None:
-            module.__class__ = GeluInEpilogue
+            swap_class(module, GeluInEpilogue)
     deinterleave_rope(transformer)
     share_first_self_attention(transformer)
     compact_cross_attention(transformer)

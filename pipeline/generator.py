@@ -18,6 +18,7 @@ import torch
 
 from pipeline.attention import AttentionKernel, resolve_kernel, set_attention_kernel
 from pipeline.compile_cache import STEP_CACHE_NOT_COMPILABLE, CompileCache, cache_key
+from pipeline.diffusers_compat import reset_step_cache
 from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.memory import MemoryPolicy, PlacedModels
@@ -226,7 +227,7 @@ class VideoModel:
         started = time.perf_counter()
         if self.step_cache is not None:
             for model in filter(None, (self.models.transformer, self.uncond_transformer)):
-                model._reset_stateful_cache()  # each video starts with an empty cache
+                reset_step_cache(model)  # each video starts with an empty cache
         # The first generation at a shape compiles, and Dynamo cannot compile on two threads at once
         # (CFG-parallel fails with "using FX to symbolically trace a dynamo-optimized function"):
         # that one generation runs its two branches one after the other.

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm, WanUpsample
 
+from pipeline.diffusers_compat import causal_padding, swap_class
+from pipeline.torch_compat import raise_recompile_limit
+
 # For every region we compile (DiT blocks, VAE norms), not process-wide: tunes each fused kernel's launch
 # shape at compile time, -1.5 % per DiT forward on an H100 (bench/profile_gpu.py) for about 30 s more warm-up.
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
@@ -31,19 +34,18 @@ NORM_RECOMPILE_LIMIT = 64
 class CausalConv3dPaddedInKernel(WanCausalConv3d):
     """WanCausalConv3d whose height/width zero padding happens inside the convolution kernel.
 
-    `_padding` is diffusers' (w, w, h, h, 2t, 0) for F.pad; time stays causal (all before, from the
-    cache or zeros), height and width go to the convolution's symmetric padding.
+    diffusers pads (w, w, h, h, 2t, 0) with F.pad; time stays causal (all before, from the cache or
+    zeros), height and width go to the convolution's symmetric padding.
     """
 
     def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-        time_pad = self._padding[4]
+        width_pad, _, height_pad, _, time_pad, _ = causal_padding(self)
         if cache_x is not None and time_pad > 0:
             x = torch.cat([cache_x.to(x.device), x], dim=2)
             time_pad -= cache_x.shape[2]
         if time_pad > 0:
             x = F.pad(x, (0, 0, 0, 0, time_pad, 0))
-        padding = (0, self._padding[2], self._padding[0])
-        return F.conv3d(x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return F.conv3d(x, self.weight, self.bias, self.stride, (0, height_pad, width_pad), self.dilation, self.groups)
 
 
 class UpsampleInInputDtype(WanUpsample):
@@ -59,7 +61,7 @@ def speed_up_decode(vae: torch.nn.Module, channels_last: bool) -> None:
     pad_inside_convolutions(vae)
     for module in vae.modules():
         if type(module) is WanUpsample and module.mode.startswith("nearest"):
-            module.__class__ = UpsampleInInputDtype
+            swap_class(module, UpsampleInInputDtype)
     if channels_last:
         channels_last_weights(vae)
 
@@ -68,7 +70,7 @@ def pad_inside_convolutions(vae: torch.nn.Module) -> None:
     """Every causal convolution becomes `CausalConv3dPaddedInKernel` (same parameters, exact)."""
     for module in vae.modules():
         if type(module) is WanCausalConv3d:
-            module.__class__ = CausalConv3dPaddedInKernel
+            swap_class(module, CausalConv3dPaddedInKernel)
 
 
 def channels_last_weights(model: torch.nn.Module) -> None:
@@ -80,9 +82,7 @@ def channels_last_weights(model: torch.nn.Module) -> None:
 
 def compile_norms(vae: torch.nn.Module) -> None:
     """torch.compile each RMS norm of the VAE (the first decode at a new shape compiles it)."""
-    config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit, max(getattr(config, limit), NORM_RECOMPILE_LIMIT))
+    raise_recompile_limit(NORM_RECOMPILE_LIMIT)
     for module in vae.modules():
         if isinstance(module, WanRMS_norm):
             module.compile(options=INDUCTOR_OPTIONS)

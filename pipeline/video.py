@@ -67,13 +67,13 @@ def decode_by_latent_frame(vae, latents: torch.Tensor) -> Iterator[torch.Tensor]
     The Wan VAE is causal in time and already decodes one latent frame at a time through its
     feature cache; `decode()` only concatenates at the end. Same calls, same order, same pixels.
     """
+    from pipeline.diffusers_compat import decode_latent_frame  # diffusers: not for readers of MP4s
+
     vae.clear_cache()
     try:
         x = vae.post_quant_conv(latents)
         for i in range(latents.shape[2]):
-            vae._conv_idx = [0]
-            pixels = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0)
-            yield pixels.clamp(-1, 1)
+            yield decode_latent_frame(vae, x, i).clamp(-1, 1)
     finally:
         vae.clear_cache()
 
