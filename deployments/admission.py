@@ -40,7 +40,12 @@ async def request_fields(request: Request) -> dict:
             form = await request.form()
         except Exception as error:  # noqa: BLE001 - a malformed form is the client's error
             raise field_error(400, "invalid_body", "body", f"unreadable form data ({error})") from None
-        return {key: value for key, value in form.items() if value != ""}
+        fields: dict = {}
+        for key, value in form.multi_items():
+            if key in fields:  # a form's list: one parameter given twice
+                raise field_error(422, "invalid_parameters", key, "given more than once; allowed: one value")
+            fields[key] = value
+        return {key: value for key, value in fields.items() if value != ""}
     raw = await request.body()
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_not_a_json_number)

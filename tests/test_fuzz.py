@@ -175,5 +175,9 @@ def test_every_numeric_field_refuses_odd_values_with_a_4xx_naming_it(fuzz_app):
                         continue  # a spelling that is a valid value (" 5 ", "+5")
                     assert 400 <= response.status_code < 500, where
                     assert [item["field"] for item in response.json()["error"]["fields"]] == [field], where
+                # A form's list (the field given twice) is refused too, though each value alone is valid.
+                response = client.post("/v1/videos", data={**base, field: ["5", "9"]})
+                assert response.status_code == 422, f"form {field} twice -> {response.status_code}: {response.text[:300]}"
+                assert [item["field"] for item in response.json()["error"]["fields"]] == [field], response.text
         finally:
             cancel_everything(client)
