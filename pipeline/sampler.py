@@ -1,8 +1,15 @@
-"""The official Wan2.1 sampler: flow-matching UniPC on shifted sigmas with classifier-free guidance.
+"""The Wan2.1 denoising loop: the official flow-matching UniPC, or a few-step sampler for distilled DiTs.
 
 Read top to bottom it is the whole denoising loop, in the spirit of diffusers' `pipeline_wan.py`:
 seeded float32 noise -> per step, the unconditional (unless g <= 1) and the conditional DiT pass ->
-guidance -> one UniPC step. Nothing here knows about Ray or HTTP.
+guidance -> one sampler step. Nothing here knows about Ray or HTTP.
+
+The sampler (`DenoiseRequest.sampler`, one of `SAMPLERS`) only decides the timesteps and how the
+next latents follow from the guided flow prediction; guidance, cancellation, progress and
+CFG-parallel are the same for all of them:
+- `unipc`: the official schedule (default), solver order 2 on the shifted sigmas.
+- `euler`: plain flow-matching Euler on the same sigmas, for step-distilled LoRAs (CausVid, lightx2v).
+- `dmd`: predict x0, then renoise it to the next timestep, as DMD-distilled checkpoints sample (FastWan).
 
 The unconditional pass goes first because it needs only the negative prompt, which is nearly always
 cached: the prompt's embeddings may arrive as a call that waits for them (`DenoiseRequest.context`),
@@ -62,10 +69,86 @@ def latent_shape(frame_num: int, height: int, width: int, channels: int = 16) ->
     return (1, channels, (frame_num - 1) // t + 1, height // h, width // w)
 
 
-def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """float32 noise from a generator seeded on the target device, as the official code draws it."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+
+
+# FastWan2.1-T2V-1.3B's three DMD timesteps (FastVideo, fastvideo/configs/pipelines/wan.py,
+# FastWan2_1_T2V_480P_Config.dmd_denoising_steps).
+DMD_TIMESTEPS = (1000, 757, 522)
+# FastVideo's DmdDenoisingStage builds its own FlowMatchEulerDiscreteScheduler(shift=8.0), whatever the
+# pipeline's flow_shift, and maps a timestep t to the sigma of that table's entry nearest to t: about
+# t/1000, snapped to the shift-8 grid (757 -> 28/37 = 0.75676). So `dmd` does not use the request's shift.
+DMD_GRID_SHIFT = 8.0
+
+
+def dmd_sigma(timestep: int) -> float:
+    """The sigma FastVideo pairs with a DMD timestep (fastvideo/models/utils.py `pred_noise_to_pred_video`
+    and FlowMatchEulerDiscreteScheduler.add_noise: argmin over the scheduler's 1000-entry table)."""
+    unshifted = torch.from_numpy(np.linspace(1, NUM_TRAIN_TIMESTEPS, NUM_TRAIN_TIMESTEPS, dtype=np.float32)[::-1].copy())
+    unshifted = unshifted / NUM_TRAIN_TIMESTEPS
+    grid_sigmas = DMD_GRID_SHIFT * unshifted / (1 + (DMD_GRID_SHIFT - 1) * unshifted)
+    grid_timesteps = grid_sigmas * NUM_TRAIN_TIMESTEPS  # float32, as the scheduler stores them
+    return float(grid_sigmas[torch.argmin((grid_timesteps.double() - timestep).abs())])
+
+
+# (step index, guided flow prediction, latents) -> the next latents
+SamplerStep = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Schedule:
+    """What a sampler decides: the timesteps, and the next latents from each step's guided prediction."""
+
+    timesteps: torch.Tensor  # int64, one per step: what the DiT is told
+    step: SamplerStep
+
+
+def unipc_schedule(steps: int, shift: float, device: torch.device) -> Schedule:
+    """The official sampler; its scheduler keeps the multistep history, so one per request."""
+    scheduler = make_scheduler(steps, shift, device)
+    scheduler.set_begin_index(0)
+
+    def step(i: int, flow: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return scheduler.step(flow, scheduler.timesteps[i], latents, return_dict=False)[0]
+
+    return Schedule(scheduler.timesteps, step)
+
+
+def euler_schedule(steps: int, shift: float, device: torch.device) -> Schedule:
+    """x_next = x + (sigma_next - sigma) * v on the official sigmas, as FlowMatchEulerDiscreteScheduler steps.
+
+    Not diffusers' Euler sigmas (linspace(1, ~0, steps), then shifted): at 4 steps and shift 5 they are
+    1, 0.91, 0.72, 0.02, the last of 4 steps spent at almost no noise. The official ones match lightx2v's step-distill
+    schedule (lightx2v/models/schedulers/wan/step_distill/scheduler.py: shift(t/1000) for t in 1000, 750,
+    500, 250) up to its first sigma, 1 instead of 0.999.
+    """
+    sigmas = np.append(flow_sigmas(steps, shift), 0.0)
+    # Truncated to int64 as UniPC feeds them: a DiT compiled (and warmed) with unipc meets no new dtype.
+    timesteps = torch.from_numpy((sigmas[:-1] * NUM_TRAIN_TIMESTEPS).astype(np.int64)).to(device)
+    return Schedule(timesteps, lambda i, flow, latents: latents + float(sigmas[i + 1] - sigmas[i]) * flow)
+
+
+def dmd_schedule(timesteps: list[int], device: torch.device, generator: torch.Generator) -> Schedule:
+    """Denoise to x0, then renoise to the next timestep with fresh noise (none after the last step).
+
+    FastVideo, fastvideo/pipelines/stages/denoising.py `DmdDenoisingStage.forward`: x0 = x_t - sigma_t * v,
+    then x_next = (1 - sigma_next) * x0 + sigma_next * noise, the noise drawn from the request's generator
+    after the initial latents.
+    """
+    sigmas = [dmd_sigma(t) for t in timesteps]
+
+    def step(i: int, flow: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x0 = latents - sigmas[i] * flow
+        if i == len(sigmas) - 1:
+            return x0
+        return (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * draw_noise(latents.shape, generator)
+
+    return Schedule(torch.tensor(timesteps, dtype=torch.int64, device=device), step)
+
+
+SAMPLERS = ("unipc", "euler", "dmd")
 
 
 # The prompt's context, or a call that waits for it (made when the first conditional pass needs it).
@@ -83,6 +166,27 @@ class DenoiseRequest:
     shift: float
     guide_scale: float
     seed: int
+    sampler: str = "unipc"  # one of SAMPLERS
+    timesteps: list[int] | None = None  # dmd only: decreasing, in 1..1000, `steps` of them; default DMD_TIMESTEPS
+
+
+def make_schedule(request: DenoiseRequest, device: torch.device, generator: torch.Generator) -> Schedule:
+    """The request's sampler, checked: a setting it would ignore is an error, not a silent default."""
+    if request.sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {request.sampler!r}")
+    if request.timesteps is not None and request.sampler != "dmd":
+        raise ValueError(f"timesteps are for the dmd sampler, not {request.sampler}")
+    if request.sampler == "unipc":
+        return unipc_schedule(request.steps, request.shift, device)
+    if request.sampler == "euler":
+        return euler_schedule(request.steps, request.shift, device)
+    timesteps = list(DMD_TIMESTEPS if request.timesteps is None else request.timesteps)
+    if len(timesteps) != request.steps:
+        raise ValueError(f"dmd runs one step per timestep: {len(timesteps)} timesteps {timesteps}, but steps={request.steps}")
+    in_range = all(0 < t <= NUM_TRAIN_TIMESTEPS for t in timesteps)
+    if not in_range or any(t <= later for t, later in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"dmd timesteps must decrease within 1..{NUM_TRAIN_TIMESTEPS}, got {timesteps}")
+    return dmd_schedule(timesteps, device, generator)
 
 
 def denoise(
@@ -101,8 +205,8 @@ def denoise(
     `branches_in_parallel` is off: then one thread runs both, one after the other.
     """
     dtype = transformer.dtype
-    scheduler = make_scheduler(request.steps, request.shift, device)
-    scheduler.set_begin_index(0)
+    generator = torch.Generator(device=device).manual_seed(request.seed)
+    schedule = make_schedule(request, device, generator)
     use_guidance = request.guide_scale > 1.0
     predict_cond = _dit_pass(transformer, "cond", request.context, device, dtype)
     if use_guidance:
@@ -113,9 +217,9 @@ def denoise(
     side_thread = ThreadPoolExecutor(max_workers=1) if in_parallel else None
 
     shape = latent_shape(request.frame_num, request.height, request.width, transformer.config.in_channels)
-    latents = initial_noise(shape, request.seed, device)
+    latents = draw_noise(shape, generator)
     try:
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(schedule.timesteps):
             _stop_if_cancelled(should_cancel, f"before step {i + 1} of {request.steps}")
             model_input = latents.to(dtype)
             timestep = t.expand(latents.shape[0])
@@ -136,7 +240,7 @@ def denoise(
                     noise_uncond = uncond_future.result().to(device).float()
             if use_guidance:
                 noise_pred = noise_uncond + request.guide_scale * (noise_pred - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            latents = schedule.step(i, noise_pred, latents)
             if on_progress is not None:
                 on_progress("denoise", i + 1, request.steps)
     finally:
