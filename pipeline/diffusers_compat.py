@@ -91,3 +91,9 @@ def swap_class(module: torch.nn.Module, replacement: type) -> None:
 def reset_step_cache(model: torch.nn.Module) -> None:
     """Empty the state of every step-cache hook on `model` and its submodules (`CacheMixin._reset_stateful_cache`)."""
     HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+
+
+def float32_module_names(model) -> list[str]:
+    """The submodules a diffusers model keeps in float32 whatever its dtype (`ModelMixin._keep_in_fp32_modules`):
+    a release checkpoint cast to bf16 by hand must leave them as from_pretrained(torch_dtype=...) would."""
+    return list(model._keep_in_fp32_modules or [])

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from pipeline.diffusers_compat import float32_module_names
 from pipeline.release_files import ORIGINAL_FILES
 from pipeline.text import MAX_TEXT_TOKENS
 
@@ -122,7 +123,7 @@ def from_single_file(model_class, weights: Path, config: dict, dtype: torch.dtyp
     with tempfile.TemporaryDirectory(prefix="wan-config-") as config_dir:
         (Path(config_dir) / "config.json").write_text(json.dumps(config))
         model = model_class.from_single_file(str(weights), config=config_dir, local_files_only=True, torch_dtype=None)
-    keep_in_float32 = model._keep_in_fp32_modules or []
+    keep_in_float32 = float32_module_names(model)
     for name, parameter in model.named_parameters():
         if not any(module in name.split(".") for module in keep_in_float32):
             parameter.data = parameter.data.to(dtype)

@@ -125,6 +125,17 @@ def check_causal_padding():
     torch.testing.assert_close(F.conv3d(F.pad(x, diffusers_compat.causal_padding(conv)), conv.weight, conv.bias), conv(x))
 
 
+def check_float32_module_names():
+    from diffusers import WanTransformer3DModel
+
+    names = diffusers_compat.float32_module_names(demo.build_transformer())
+    assert names == list(WanTransformer3DModel._keep_in_fp32_modules), names
+    assert names, "diffusers no longer keeps any Wan DiT module in float32: the release loader's cast must change with it"
+    model = WanTransformer3DModel.from_config(demo.build_transformer().config).to(torch.bfloat16)
+    kept = [name for name, parameter in model.named_parameters() if parameter.dtype == torch.float32]
+    assert all(any(module in name.split(".") for module in names) for name in kept), kept
+
+
 def check_flash3_hand_off():
     from diffusers.models import attention_dispatch
 
@@ -245,6 +256,7 @@ WRAPPED = [
     Wrapped("torch", "torch._inductor.config", check_inductor_config),
     Wrapped("diffusers", "AutoencoderKLWan._feat_map/_conv_idx", check_vae_feature_cache),
     Wrapped("diffusers", "WanCausalConv3d._padding", check_causal_padding),
+    Wrapped("diffusers", "ModelMixin._keep_in_fp32_modules", check_float32_module_names),
     Wrapped("diffusers", "AttentionBackendName._FLASH_3, attention_dispatch.flash_attn_3_func", check_flash3_hand_off),
     Wrapped("diffusers", "processor._attention_backend", check_processor_backend),
     Wrapped("diffusers", "processor._attention_backend/_parallel_config via set_processor", check_replace_processor),
