@@ -1,12 +1,13 @@
 """The Wan DiT's block math, rearranged for fewer memory passes; the function it computes is unchanged.
 
-Profiled on an H100 at 832x480x81 (`bench/profile_gpu.py`), a compiled forward spends about 42 ms
-of its 457 ms in fused elementwise kernels, and two of them stand out:
+Profiled on an H100 at 832x480x81 (`bench/profile_gpu.py`; the figures:
+bench/results/archive/profile-nvidia-h100-80gb-hbm3-2026-11-26-fused.json), a compiled forward
+spends a tenth of its time in fused elementwise kernels, and two of them stand out:
 
 - the FFN's tanh GELU reads and writes the 8,960-wide hidden activation once more after its
-  up-projection (12 ms per forward). cuBLASLt can apply that GELU in the GEMM's epilogue, while the
-  result is still in registers: `linear_gelu_tanh`.
-- RMS norm + rotary embedding of the queries and keys (12 ms per forward) rotates interleaved
+  up-projection. cuBLASLt can apply that GELU in the GEMM's epilogue, while the result is still in
+  registers: `linear_gelu_tanh`.
+- RMS norm + rotary embedding of the queries and keys rotates interleaved
   (even, odd) pairs, so every load and store is strided. Permuting each head's dimensions to
   (all evens, all odds) in the query/key projections and norm weights turns that into two
   contiguous halves. Attention only sees q.k dot products, which a permutation applied to both q
@@ -21,8 +22,8 @@ Two more savings skip work whose result is known:
 - the two passes of a guidance step give block 0 the same tokens, so its self-attention is computed
   once per step (`SharedSelfAttentionProcessor`; no change in rounding);
 - cross-attention attends to the prompt's real tokens and two rows standing for its padding instead
-  of 512 rows (`PaddingAsBiasProcessor`): FA3 spends 0.18 ms on 512 keys, cuDNN 0.11 ms on 42 keys
-  with a bias (`bench/profile_gpu.py cross`).
+  of 512 rows (`PaddingAsBiasProcessor`), which the kernels do faster
+  (bench/results/archive/profile-nvidia-h100-80gb-hbm3-2026-11-27-cross.json).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class SharedSelfAttentionProcessor(HalvesRopeProcessor):
 
     Both passes of a guidance step feed the DiT the same latents and timestep, and nothing before
     block 0's cross-attention sees the text, so block 0's self-attention output is the same for both
-    (1/30 of the DiT's attention: about 9 ms per step at 832x480x81). Within `guidance_step` the
+    (1/30 of the DiT's attention). Within `guidance_step` the
     first pass keeps its output in `kept` and the second returns it. A first pass that does not run
     block 0 (a step cache's forecast) keeps nothing, and the second then computes its own.
     """

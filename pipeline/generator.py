@@ -44,8 +44,8 @@ class GenerationResult:
 # 42 rows, not a multiple of 8, and 128 rows, a multiple of 8. Inductor's attention lowering guards
 # on `rows % 8 == 0` (`is_aligned`), so each alignment is its own compiled graph, and so is each
 # pass of a guidance step (block 0's shared self-attention keeps or reuses). Missing one left its
-# compile to the first job that met it: on an H200 the 352-row default negative prompt took
-# 58.4 s instead of 45 s (bench/results/service-h200-2026-12-02).
+# compile to the first job that met it, the 352-row default negative prompt's
+# (bench/results/service-h200-2026-12-02/README.md).
 WARM_CONTEXT_TOKENS = (40, 126)
 
 

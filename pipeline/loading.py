@@ -156,7 +156,7 @@ def default_text_dtype(source: ModelSource) -> torch.dtype:
     """bf16 for real umT5-XXL on any device, fp32 for the tiny demo.
 
     5.7B parameters in fp32 would need 23 GB of RAM, and on 16 CPU cores bf16 is also the faster
-    (0.28 s against 1.06 s for a 40-token prompt, bench/results/*-fast-v2.json).
+    (the `text` section of bench/results/archive/nvidia-h100-80gb-hbm3-2026-11-26-fast-v2.json).
     """
     return torch.float32 if source.is_demo else torch.bfloat16
 

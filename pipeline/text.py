@@ -84,7 +84,7 @@ class PromptEncoder:
         """Read every memory page of the encoder's CPU weights; returns the bytes they span.
 
         Checkpoints load memory-mapped, so without this the first prompts page ~11 GB of umT5-XXL in
-        from the disk or the page cache while a user waits (seconds; 11 s seen on an H200 host).
+        from the disk or the page cache while a user waits (seconds: issue 17's first encode).
         One element per 4 KiB page is enough to make the kernel map it.
         """
         spanned = 0

@@ -23,7 +23,8 @@ from pipeline.diffusers_compat import causal_padding, swap_class
 from pipeline.torch_compat import raise_recompile_limit
 
 # For every region we compile (DiT blocks, VAE norms), not process-wide: tunes each fused kernel's launch
-# shape at compile time, -1.5 % per DiT forward on an H100 (bench/profile_gpu.py) for about 30 s more warm-up.
+# shape at compile time, a faster forward for a longer warm-up
+# (bench/results/archive/profile-nvidia-h100-80gb-hbm3-2026-11-27-loop-options.json).
 INDUCTOR_OPTIONS = {"coordinate_descent_tuning": True}
 
 # A compiled norm sees each of its shapes (channels x resolution x frames per latent frame, tiles)

@@ -167,7 +167,7 @@ class Mp4Writer:
             pix_fmt_out="yuv420p",
             quality=8,
             macro_block_size=16,
-            # veryfast: 0.5 s instead of medium's 1.9 s for 81 frames at 832x480 on 16 cores, files no larger.
+            # veryfast: several times faster than medium, files no larger (bench/results/decode-encode-2026-11-26.json).
             output_params=["-preset", "veryfast", "-movflags", "+faststart"],
             ffmpeg_log_level="error",
         )
