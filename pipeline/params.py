@@ -1,16 +1,19 @@
 """Generation parameters: the seed document's names, defaults and ranges, validated in one place.
 
 Every layer (CLI, gateway, web page) validates through `GenerationParams`, so a bad value gets the
-same message everywhere: the field, the value given and what is allowed.
+same message everywhere: the field, the value given and what is allowed. It is also the only table of
+them: the API schema, both command lines and the web page (GET /v1/config's `parameters`) read names,
+defaults, ranges and help from here (tests/test_parameter_source.py holds them to it).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 
 # The official Wan2.1 default negative prompt (wan/configs/shared_config.py), verbatim.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -44,6 +47,40 @@ ALLOWED: dict[str, str] = {
     "offload_model": "true or false",
     "t5_cpu": "true or false",
 }
+
+# What each field does, in the web page's two languages; the page and every --help read it from here.
+HELP: dict[str, dict[str, str]] = {
+    "prompt": {"zh": "视频的内容：场景、主体、动作、风格", "en": "What the video shows: scene, subjects, motion, style"},
+    "negative_prompt": {
+        "zh": "描述不希望出现的内容；留空则使用官方默认负面提示词（即框中灰色文字）",
+        "en": "What the video should not contain; leave empty for the official default (the grey text in the box)",
+    },
+    "size": {"zh": "选择生成视频的分辨率（宽*高）", "en": "The video's resolution (width*height)"},
+    "frame_num": {
+        "zh": "须为 4n+1（5–121）；16 帧约 1 秒，81 帧约 5 秒",
+        "en": "Must be 4n+1 (5–121); 16 frames ≈ 1 s, 81 frames ≈ 5 s",
+    },
+    "sample_steps": {"zh": "控制采样质量，步数越多质量越高", "en": "Controls sampling quality: more steps, higher quality"},
+    "sample_guide_scale": {
+        "zh": "控制文本遵循程度。低值(4-6): 生成内容更自由，可能偏离提示词但质量较高；高值(7-10): 生成内容更严格遵循提示词，但可能降低视频质量",
+        "en": "How closely the video follows the prompt. Low (4-6): freer, may drift from the prompt but higher quality; "
+        "high (7-10): follows the prompt more strictly, may lower video quality",
+    },
+    "sample_shift": {
+        "zh": "控制视频动态效果。低值(4-6): 生成更平滑、静态的视频；高值(8-12): 生成更动态、变化剧烈的视频",
+        "en": "Controls motion. Low (4-6): smoother, more static video; high (8-12): more dynamic video with stronger changes",
+    },
+    "seed": {"zh": "控制随机性，-1表示随机生成", "en": "Controls randomness; -1 draws a random seed"},
+    "offload_model": {
+        "zh": "将模型权重从GPU内存卸载到CPU内存，减少显存占用，但会降低推理速度",
+        "en": "Moves model weights from GPU memory to CPU memory: less VRAM, slower inference",
+    },
+    "t5_cpu": {"zh": "将T5文本编码器放在CPU上运行，节省显存", "en": "Runs the T5 text encoder on the CPU, saving VRAM"},
+}
+
+# The constraints a field's metadata may carry (pydantic keeps Field(ge=..., max_length=...) there).
+BOUNDS = ("ge", "gt", "le", "lt", "max_length")
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
 
 class GenerationParams(BaseModel):
@@ -102,6 +139,42 @@ class GenerationParams(BaseModel):
         if self.seed >= 0:
             return self
         return self.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+
+
+def field_type(name: str) -> type:
+    """A field's value type without the None that means "the serving side decides" (bool for t5_cpu)."""
+    annotation = GenerationParams.model_fields[name].annotation
+    return next((arg for arg in get_args(annotation) if arg is not type(None)), annotation)
+
+
+def parameter_table() -> dict[str, dict[str, Any]]:
+    """Every generation parameter by name, as clients show it: type, default, bounds, allowed text, help.
+
+    Read off `GenerationParams` so that the web page (through GET /v1/config) builds its controls from
+    the model that validates, and cannot drift from it.
+    """
+    return {name: _describe_field(name, field) for name, field in GenerationParams.model_fields.items()}
+
+
+def _describe_field(name: str, field: FieldInfo) -> dict[str, Any]:
+    row = {
+        "type": JSON_TYPES[field_type(name)],
+        "required": field.is_required(),
+        "default": None if field.is_required() else field.default,
+        **{bound: getattr(rule, bound) for rule in field.metadata for bound in BOUNDS if hasattr(rule, bound)},
+        "allowed": ALLOWED[name],
+        "help": HELP[name],
+    }
+    if name == "size":
+        row["choices"] = list(SIZES)
+    if name == "negative_prompt":
+        row["empty_means"] = DEFAULT_NEGATIVE_PROMPT
+    return row
+
+
+def flag_help(name: str) -> str:
+    """A command-line flag's help: what the parameter does, then what it accepts."""
+    return f"{HELP[name]['en']}; allowed: {ALLOWED[name]}"
 
 
 def field_errors(error: ValidationError, allowed: dict[str, str] = ALLOWED) -> list[dict[str, Any]]:
