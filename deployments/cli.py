@@ -27,9 +27,8 @@ from deployments.client import DEFAULT_URL, CliError, ServerError, VideosClient
 from deployments.launcher import SEED_PIN_FLAGS, convert_command, serve_command
 from deployments.protocol import ALLOWED_REQUEST, PARAM_FIELDS, TERMINAL_STATUSES, JobStatus, VideoCreateRequest
 from pipeline.flags import add_bool_flag
-from pipeline.params import ALLOWED, describe_errors
+from pipeline.params import describe_errors, field_type, flag_help
 
-BOOL_PARAMS = ("offload_model", "t5_cpu")
 INTERRUPTED = 130  # the shell's exit code for a command stopped by Ctrl-C
 PROMPT_COLUMN = 40
 
@@ -169,12 +168,13 @@ def download_command(args: argparse.Namespace) -> int:
 
 
 def add_param_flags(parser: argparse.ArgumentParser, names: tuple[str, ...], help_prefix: str = "") -> None:
-    """Generation parameters under the seed's names; values stay text for the pydantic model behind each command."""
+    """Generation parameters under the seed's names, with GenerationParams' help; values stay text for the
+    pydantic model behind each command, and an absent flag stays None so the server's precedence decides."""
     for name in names:
-        if name in BOOL_PARAMS:
-            add_bool_flag(parser, name, default=None, help=help_prefix + ALLOWED[name])
+        if field_type(name) is bool:
+            add_bool_flag(parser, name, default=None, help=help_prefix + flag_help(name))
         else:
-            parser.add_argument(f"--{name}", help=help_prefix + ALLOWED[name])
+            parser.add_argument(f"--{name}", help=help_prefix + flag_help(name))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on stderr and save the MP4. Ctrl-C asks whether to cancel the job on the server: Enter keeps it running, "
         "y cancels, and so does end of input (nobody is left to wait for the video).",
     )
-    generate.add_argument("prompt", help=ALLOWED["prompt"])
+    generate.add_argument("prompt", help=flag_help("prompt"))
     add_param_flags(generate, tuple(name for name in PARAM_FIELDS if name != "prompt"))
     generate.add_argument("-o", "--output", type=Path, help="where to save the MP4 (default: <job id>.mp4)")
     generate.set_defaults(run=generate_command)

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from pipeline.params import ALLOWED, SIZES, GenerationParams
+from pipeline.params import ALLOWED, SIZES, GenerationParams, flag_help
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
@@ -23,20 +23,13 @@ ALLOWED_REQUEST = {
 }
 
 
-class OptionalParams(BaseModel):
-    """The generation parameters other than the prompt, each optional: None means "not given"."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    negative_prompt: str | None = None
-    size: str | None = None
-    frame_num: int | None = None
-    sample_steps: int | None = None
-    sample_guide_scale: float | None = None
-    sample_shift: float | None = None
-    seed: int | None = None
-    offload_model: bool | None = None
-    t5_cpu: bool | None = None
+# The generation parameters other than the prompt, each optional: None means "not given". Derived from
+# GenerationParams so that a new parameter reaches the API, pins and defaults without another list.
+OptionalParams = create_model(
+    "OptionalParams",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (GenerationParams.model_fields[name].annotation | None, None) for name in PARAM_FIELDS if name != "prompt"},
+)
 
 
 class VideoCreateRequest(OptionalParams):
@@ -77,7 +70,7 @@ def create_request_schema() -> dict[str, Any]:
     """
     schema = VideoCreateRequest.model_json_schema()
     ranges = GenerationParams.model_json_schema()["properties"]
-    schema["properties"].update({name: ranges[name] for name in PARAM_FIELDS})
+    schema["properties"].update({name: {**ranges[name], "description": flag_help(name)} for name in PARAM_FIELDS})
     schema["properties"]["size"]["enum"] = list(SIZES)  # "832x480" is accepted too
     schema["properties"]["prompt"]["pattern"] = r"\S"  # not blank
     return schema

@@ -20,8 +20,12 @@ from tqdm import tqdm
 
 from pipeline.attention import ATTENTION_KERNELS
 from pipeline.flags import add_bool_flag
-from pipeline.params import ALLOWED, GenerationParams, describe_errors
+from pipeline.params import GenerationParams, describe_errors, flag_help
 
+# Where the official generate.py spells a parameter differently.
+OFFICIAL_FLAG_NAMES = {"seed": "base_seed"}
+# GenerationParams leaves these to "the serving side"; here that is this process, with generate.py's defaults.
+PLACEMENT_DEFAULTS = {"offload_model": True, "t5_cpu": False}
 DEMO_BANNER = "DEMO MODEL: random weights, not Wan2.1. The video will be noise; use --ckpt_dir for real output."
 
 
@@ -36,22 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (./Wan2.1-T2V-1.3B*, $WAN_CKPT_DIR, the hub cache; never the demo), demo, or a hub id",
     )
     gen = parser.add_argument_group("generation", "defaults are the official Wan2.1 ones")
-    gen.add_argument("--prompt", help=ALLOWED["prompt"])
-    gen.add_argument("--negative_prompt", help=ALLOWED["negative_prompt"])
-    gen.add_argument("--size", help=_with_default("size"))
-    gen.add_argument("--frame_num", help=_with_default("frame_num"))
-    gen.add_argument("--sample_steps", help=_with_default("sample_steps"))
-    gen.add_argument("--sample_shift", help=_with_default("sample_shift"))
-    gen.add_argument("--sample_guide_scale", help=_with_default("sample_guide_scale"))
-    gen.add_argument("--base_seed", dest="seed", help=_with_default("seed"))
     run = parser.add_argument_group("placement")
-    add_bool_flag(run, "offload_model", default=True, help="keep the DiT on the CPU except while it denoises (default: true)")
-    add_bool_flag(
-        run,
-        "t5_cpu",
-        default=False,
-        help="run the umT5 text encoder on the CPU instead of the generation device (default: false)",
-    )
+    for name, field in GenerationParams.model_fields.items():
+        if name in PLACEMENT_DEFAULTS:
+            add_bool_flag(run, name, default=PLACEMENT_DEFAULTS[name], help=_with_default(name, PLACEMENT_DEFAULTS[name]))
+        else:
+            default = None if field.is_required() else field.default
+            gen.add_argument(f"--{OFFICIAL_FLAG_NAMES.get(name, name)}", dest=name, help=_with_default(name, default))
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = cuda when present")
     run.add_argument("--vae_dtype", choices=("float32", "bfloat16"), default="float32")
     run.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
@@ -60,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _with_default(field: str) -> str:
-    return f"{ALLOWED[field]} (default: {GenerationParams.model_fields[field].default})"
+def _with_default(name: str, default: object) -> str:
+    """The flag's help, plus its default where there is one to show (the prompts have none)."""
+    if default in (None, ""):
+        return flag_help(name)
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"{flag_help(name)} (default: {shown})"
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
