@@ -30,7 +30,7 @@ from deployments.messages import GatewaySettings
 from deployments.metrics import GatewayMetrics
 from deployments.protocol import TERMINAL_STATUSES, ModelCard, VideoJob, VideoList, create_request_schema
 from deployments.security import OPEN_PATHS, RequestGuard
-from pipeline.params import SIZES
+from pipeline.params import SIZES, parameter_table
 
 log = logging.getLogger("ray.serve")
 
@@ -165,10 +165,12 @@ class Gateway:
 
     @app.get("/v1/config")
     async def config(self) -> dict:
-        """What the web page needs: sizes, pins (locked controls), defaults, limits, demo flag."""
+        """What the web page needs: sizes, pins (locked controls), defaults, limits, demo flag, and the
+        parameter table its controls are built from (names, defaults, ranges, help)."""
         return {
             "model": self.model,
             "sizes": list(SIZES),
+            "parameters": parameter_table(),
             "pins": self.admission.planner.pins.given(),
             "defaults": self.admission.planner.defaults.given(),
             "limits": self.admission.limits,

@@ -147,17 +147,19 @@ def field_type(name: str) -> type:
     return next((arg for arg in get_args(annotation) if arg is not type(None)), annotation)
 
 
-def parameter_table() -> dict[str, dict[str, Any]]:
-    """Every generation parameter by name, as clients show it: type, default, bounds, allowed text, help.
+def parameter_table() -> list[dict[str, Any]]:
+    """Every generation parameter, in order, as clients show it: name, type, default, bounds, allowed text, help.
 
     Read off `GenerationParams` so that the web page (through GET /v1/config) builds its controls from
-    the model that validates, and cannot drift from it.
+    the model that validates, and cannot drift from it. A list of rows, not an object keyed by name:
+    the page's JSON reader turns the value of every "seed" key into exact digits.
     """
-    return {name: _describe_field(name, field) for name, field in GenerationParams.model_fields.items()}
+    return [_describe_field(name, field) for name, field in GenerationParams.model_fields.items()]
 
 
 def _describe_field(name: str, field: FieldInfo) -> dict[str, Any]:
     row = {
+        "name": name,
         "type": JSON_TYPES[field_type(name)],
         "required": field.is_required(),
         "default": None if field.is_required() else field.default,

@@ -1,25 +1,20 @@
-// The parameter controls: built from one table, prefilled with what the server would use, locked
+// The parameter controls: built from the server's parameter table, prefilled with what the server would use, locked
 // where the server decides, read into a request, and filled back from a job's parameters.
 
 import { exactInteger } from "./api.js";
 import { $, el } from "./dom.js";
+import { addTexts } from "./i18n.js";
 
-// The official Wan2.1 default negative prompt (pipeline/params.py): the server uses it when the box
-// is left empty, so the box shows it as its placeholder.
-const DEFAULT_NEGATIVE_PROMPT =
-  "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，" +
-  "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，" +
-  "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走";
-
-// The seed's defaults and ranges; the server validates them (pipeline/params.py) and says what is wrong.
+// How each parameter is shown. Its default, range, help and choices come from the server's parameter
+// table (GET /v1/config `parameters`, read off pipeline/params.py), so the page offers what the server accepts.
 const FIELDS = [
   { name: "size", group: "basic", kind: "select" },
-  { name: "frame_num", group: "basic", kind: "number", min: 5, max: 121, step: 4, value: 81 },
-  { name: "sample_steps", group: "basic", kind: "number", min: 1, max: 100, step: 1, value: 50, slider: true },
-  { name: "sample_guide_scale", group: "basic", kind: "number", min: 0, max: 20, step: 0.5, value: 6, slider: true },
-  { name: "sample_shift", group: "basic", kind: "number", min: 0.5, max: 20, step: 0.5, value: 8, slider: true },
-  { name: "seed", group: "basic", kind: "integer", value: -1 },
-  { name: "negative_prompt", group: "basic", kind: "textarea", value: "" },
+  { name: "frame_num", group: "basic", kind: "number", step: 4 },
+  { name: "sample_steps", group: "basic", kind: "number", step: 1, slider: true },
+  { name: "sample_guide_scale", group: "basic", kind: "number", step: 0.5, slider: true },
+  { name: "sample_shift", group: "basic", kind: "number", step: 0.5, slider: true },
+  { name: "seed", group: "basic", kind: "integer" },
+  { name: "negative_prompt", group: "basic", kind: "textarea" },
   { name: "offload_model", group: "advanced", kind: "checkbox" },
   { name: "t5_cpu", group: "advanced", kind: "checkbox" },
 ];
@@ -31,6 +26,9 @@ const INTEGER = /^-?\d+$/;
 const control = (name) => $(`#${name}`);
 
 export function buildForm(config) {
+  for (const { name, help } of config.parameters) {
+    for (const [lang, text] of Object.entries(help)) addTexts(lang, { [`help.${name}`]: text });
+  }
   for (const field of FIELDS) $(`#${field.group}-fields`).append(fieldBlock(field, config));
   for (const field of CONTROLS) control(field.name).addEventListener("input", () => hideError(field.name));
   fillForm({ ...serverDefaults(config), ...config.pins });
@@ -75,7 +73,9 @@ function hideError(name) {
 
 /** What the server uses for a field the request leaves out: built-in, then the operator's defaults. */
 function serverDefaults(config) {
-  const builtIn = Object.fromEntries(FIELDS.filter((field) => "value" in field).map((field) => [field.name, field.value]));
+  const builtIn = Object.fromEntries(
+    config.parameters.filter((parameter) => parameter.default !== null).map(({ name, default: value }) => [name, value]),
+  );
   return {
     ...builtIn,
     offload_model: config.memory_policy !== "resident",
@@ -114,18 +114,26 @@ function fieldBlock(field, config) {
 
 function createControl(field, config) {
   const props = { id: field.name, name: field.name };
+  const parameter = config.parameters.find(({ name }) => name === field.name);
   switch (field.kind) {
     case "select":
-      return el("select", props, ...config.sizes.map((size) => el("option", { value: size }, size)));
+      return el("select", props, ...parameter.choices.map((choice) => el("option", { value: choice }, choice)));
     case "textarea":
-      return el("textarea", { ...props, rows: 3, placeholder: DEFAULT_NEGATIVE_PROMPT });
+      return el("textarea", { ...props, rows: 3, placeholder: parameter.empty_means });
     case "checkbox":
       return el("input", { ...props, type: "checkbox" });
     case "integer":
       return el("input", { ...props, type: "text", inputMode: "numeric", autocomplete: "off" });
-    default:
-      return el("input", { ...props, type: "number", min: field.min, max: config.limits[LIMITS[field.name]] ?? field.max, step: field.step });
+    default: {
+      const max = config.limits[LIMITS[field.name]] ?? parameter.le;
+      return el("input", { ...props, type: "number", min: lowest(parameter, field.step), max, step: field.step });
+    }
   }
+}
+
+/** The smallest value a control offers: the inclusive bound, or one step above an exclusive one. */
+function lowest(parameter, step) {
+  return parameter.ge ?? parameter.gt + step;
 }
 
 /** A slider beside the number box, like the seed's Gradio sliders; the box holds the value. */

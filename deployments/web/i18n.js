@@ -1,5 +1,5 @@
 // Chinese by default (the seed's Gradio page was Chinese), English on request; the choice is remembered.
-// Help texts are the seed document's, verbatim in Chinese.
+// The parameters' help texts are not here: they come with the server's parameter table (addTexts).
 
 const STORAGE_KEY = "wan-t2v.lang";
 
@@ -17,23 +17,14 @@ const TEXT = {
     basic: "基础参数",
     advanced: "高级优化参数",
     "field.size": "视频分辨率",
-    "help.size": "选择生成视频的分辨率（宽*高）",
     "field.frame_num": "帧数",
-    "help.frame_num": "须为 4n+1（5–121）；16 帧约 1 秒，81 帧约 5 秒",
     "field.sample_steps": "扩散步数",
-    "help.sample_steps": "控制采样质量，步数越多质量越高",
     "field.sample_guide_scale": "引导比例",
-    "help.sample_guide_scale": "控制文本遵循程度。低值(4-6): 生成内容更自由，可能偏离提示词但质量较高；高值(7-10): 生成内容更严格遵循提示词，但可能降低视频质量",
     "field.sample_shift": "偏移比例",
-    "help.sample_shift": "控制视频动态效果。低值(4-6): 生成更平滑、静态的视频；高值(8-12): 生成更动态、变化剧烈的视频",
     "field.seed": "随机种子",
-    "help.seed": "控制随机性，-1表示随机生成",
     "field.negative_prompt": "负面提示词",
-    "help.negative_prompt": "描述不希望出现的内容；留空则使用官方默认负面提示词（即框中灰色文字）",
     "field.offload_model": "模型卸载",
-    "help.offload_model": "将模型权重从GPU内存卸载到CPU内存，减少显存占用，但会降低推理速度",
     "field.t5_cpu": "T5 CPU运行",
-    "help.t5_cpu": "将T5文本编码器放在CPU上运行，节省显存",
     "note.pinned": "由服务器命令行参数固定（界面参数的优先级低于命令行参数）",
     "note.policy": "由服务器的内存策略决定",
     "note.cpu_only": "服务器只部署了 CPU 文本编码器",
@@ -81,23 +72,14 @@ const TEXT = {
     basic: "Basic parameters",
     advanced: "Advanced optimisation",
     "field.size": "Resolution",
-    "help.size": "The video's resolution (width*height)",
     "field.frame_num": "Frames",
-    "help.frame_num": "Must be 4n+1 (5–121); 16 frames ≈ 1 s, 81 frames ≈ 5 s",
     "field.sample_steps": "Sampling steps",
-    "help.sample_steps": "Controls sampling quality: more steps, higher quality",
     "field.sample_guide_scale": "Guidance scale",
-    "help.sample_guide_scale": "How closely the video follows the prompt. Low (4-6): freer, may drift from the prompt but higher quality; high (7-10): follows the prompt more strictly, may lower video quality",
     "field.sample_shift": "Shift",
-    "help.sample_shift": "Controls motion. Low (4-6): smoother, more static video; high (8-12): more dynamic video with stronger changes",
     "field.seed": "Seed",
-    "help.seed": "Controls randomness; -1 draws a random seed",
     "field.negative_prompt": "Negative prompt",
-    "help.negative_prompt": "What the video should not contain; leave empty for the official default (the grey text in the box)",
     "field.offload_model": "Offload model",
-    "help.offload_model": "Moves model weights from GPU memory to CPU memory: less VRAM, slower inference",
     "field.t5_cpu": "T5 on CPU",
-    "help.t5_cpu": "Runs the T5 text encoder on the CPU, saving VRAM",
     "note.pinned": "Fixed by the server's command-line parameters (settings on this page rank below the command line)",
     "note.policy": "Decided by the server's memory policy",
     "note.cpu_only": "The server deploys only the CPU text encoder",
@@ -142,6 +124,11 @@ export const language = () => current;
 export function t(key, vars = {}) {
   const template = TEXT[current][key] ?? key;
   return template.replace(/\{(\w+)\}/g, (_, name) => String(vars[name] ?? ""));
+}
+
+/** Adds texts for one language, e.g. the help of each parameter from GET /v1/config. */
+export function addTexts(lang, texts) {
+  if (lang in TEXT) Object.assign(TEXT[lang], texts);
 }
 
 export function toggleLanguage() {
