@@ -154,7 +154,7 @@ class VideoModel:
             return 0.0
         started = time.perf_counter()
         with phases.phase("compile_warmup"):
-            warm = warm_params.model_copy(update={"sample_steps": 1, "seed": 0})
+            warm = warm_params.model_copy(update={"sample_steps": 1, "sample_solver": "unipc", "seed": 0})  # any sampler: the same graphs
             # Each length in each pass: the prompt's (conditional) and the negative prompt's (unconditional).
             dtype = self.models.transformer.dtype
             short, long = (torch.zeros(tokens, self.text_dim, dtype=dtype) for tokens in WARM_CONTEXT_TOKENS)
@@ -220,6 +220,7 @@ class VideoModel:
             height=params.height,
             width=params.width,
             steps=params.sample_steps,
+            sampler=params.sample_solver,
             shift=params.sample_shift,
             guide_scale=params.sample_guide_scale,
             seed=params.seed,

@@ -12,7 +12,7 @@ import math
 import secrets
 from typing import Any, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 
 # The official Wan2.1 default negative prompt (wan/configs/shared_config.py), verbatim.
@@ -31,6 +31,10 @@ SIZES: dict[str, tuple[int, int]] = {
     "544*704": (544, 704),
 }
 
+# Samplers (pipeline.sampler.SAMPLERS): the official UniPC, and two for distilled models.
+SAMPLE_SOLVERS = ("unipc", "euler", "dmd")
+DMD_STEPS = 3  # dmd runs the distilled checkpoint's own timesteps (FastWan2.1: 1000, 757, 522)
+
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 
@@ -40,7 +44,9 @@ ALLOWED: dict[str, str] = {
     "negative_prompt": f"a string of at most {MAX_PROMPT_CHARS} characters (empty = the official default)",
     "size": "one of " + ", ".join(SIZES) + " ('x' may replace '*')",
     "frame_num": "an integer 4n+1 from 5 to 121 (5, 9, 13, …, 81, …, 121)",
-    "sample_steps": "an integer from 1 to 100",
+    "sample_solver": "unipc (the official schedule), euler (flow-matching Euler, for step-distilled LoRAs) "
+    f"or dmd (denoise and renoise, for DMD-distilled checkpoints; exactly {DMD_STEPS} steps)",
+    "sample_steps": f"an integer from 1 to 100 ({DMD_STEPS} with sample_solver dmd)",
     "sample_guide_scale": "a number from 0 to 20 (recommended 4–10)",
     "sample_shift": "a number above 0 and at most 20 (recommended 4–12)",
     "seed": f"-1 (draw one) or an integer from 0 to {MAX_SEED}",
@@ -59,6 +65,11 @@ HELP: dict[str, dict[str, str]] = {
     "frame_num": {
         "zh": "须为 4n+1（5–121）；16 帧约 1 秒，81 帧约 5 秒",
         "en": "Must be 4n+1 (5–121); 16 frames ≈ 1 s, 81 frames ≈ 5 s",
+    },
+    "sample_solver": {
+        "zh": "采样器：unipc 为官方 50 步采样；euler 与 dmd 用于蒸馏模型（4–8 步或 3 步，关闭引导）",
+        "en": "The sampler: unipc is the official 50-step schedule; euler and dmd are for distilled models "
+        "(4–8 or 3 steps, guidance off)",
     },
     "sample_steps": {"zh": "控制采样质量，步数越多质量越高", "en": "Controls sampling quality: more steps, higher quality"},
     "sample_guide_scale": {
@@ -81,6 +92,7 @@ HELP: dict[str, dict[str, str]] = {
 # The constraints a field's metadata may carry (pydantic keeps Field(ge=..., max_length=...) there).
 BOUNDS = ("ge", "gt", "le", "lt", "max_length")
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+CHOICES = {"size": SIZES, "sample_solver": SAMPLE_SOLVERS}
 
 
 class GenerationParams(BaseModel):
@@ -92,7 +104,8 @@ class GenerationParams(BaseModel):
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     size: str = "832*480"
     frame_num: int = Field(default=81, ge=5, le=121)
-    sample_steps: int = Field(default=50, ge=1, le=100)
+    sample_solver: str = "unipc"
+    sample_steps: int = Field(default=50, ge=1, le=100, validate_default=True)  # checked against the sampler
     sample_guide_scale: float = Field(default=6.0, ge=0.0, le=20.0)
     sample_shift: float = Field(default=8.0, gt=0.0, le=20.0)
     seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
@@ -114,6 +127,20 @@ class GenerationParams(BaseModel):
         if normalised not in SIZES:
             raise ValueError("unknown size")
         return normalised
+
+    @field_validator("sample_solver", mode="before")
+    @classmethod
+    def _known_solver(cls, value: Any) -> str:
+        if not isinstance(value, str) or value.strip().lower() not in SAMPLE_SOLVERS:
+            raise ValueError("unknown sampler")
+        return value.strip().lower()
+
+    @field_validator("sample_steps")
+    @classmethod
+    def _dmd_steps(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("sample_solver") == "dmd" and value != DMD_STEPS:
+            raise ValueError(f"sample_solver dmd runs exactly {DMD_STEPS} steps")
+        return value
 
     @field_validator("frame_num")
     @classmethod
@@ -167,8 +194,8 @@ def _describe_field(name: str, field: FieldInfo) -> dict[str, Any]:
         "allowed": ALLOWED[name],
         "help": HELP[name],
     }
-    if name == "size":
-        row["choices"] = list(SIZES)
+    if name in CHOICES:
+        row["choices"] = list(CHOICES[name])
     if name == "negative_prompt":
         row["empty_means"] = DEFAULT_NEGATIVE_PROMPT
     return row

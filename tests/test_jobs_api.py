@@ -188,3 +188,19 @@ def test_the_service_stays_ready_while_the_generator_is_busy(client):
     assert ready.json()["stages"]["video_generator"]["busy"] is True
     client.delete(f"/v1/videos/{job['id']}")
     assert poll(client, job["id"], finished)["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(("solver", "steps"), [("dmd", 3), ("euler", 4)])
+def test_a_few_step_job_without_guidance_runs_its_sampler_end_to_end(client, solver, steps):
+    job = submit(client, size="624*624", frame_num=5, sample_solver=solver, sample_steps=steps, sample_guide_scale=1)
+    done = poll(client, job["id"], finished)
+    assert done["status"] == "completed", done
+    assert done["parameters"]["sample_solver"] == solver and done["total_steps"] == steps
+    assert client.get(f"/v1/videos/{job['id']}/content").content[4:8] == b"ftyp"  # an MP4
+
+
+def test_dmd_with_a_step_count_it_cannot_run_is_a_422_naming_sample_steps(client):
+    response = client.post("/v1/videos", json={"prompt": "a fox", "sample_solver": "dmd"})
+    assert response.status_code == 422, response.text
+    assert [field["field"] for field in response.json()["error"]["fields"]] == ["sample_steps"]
+    assert "dmd" in response.json()["error"]["message"]

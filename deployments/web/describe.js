@@ -3,7 +3,8 @@
 import { el } from "./dom.js";
 import { t } from "./i18n.js";
 
-export const summaryText = (job) => t("summary", job.parameters);
+// Jobs stored before the sampler choice ran the official one.
+export const summaryText = (job) => t("summary", { sample_solver: "unipc", ...job.parameters });
 
 /** One line per field where a server pin replaced the value the request asked for. */
 export const overrideItems = (job) =>

@@ -10,6 +10,7 @@ import { addTexts } from "./i18n.js";
 const FIELDS = [
   { name: "size", group: "basic", kind: "select" },
   { name: "frame_num", group: "basic", kind: "number", step: 4 },
+  { name: "sample_solver", group: "basic", kind: "select" },
   { name: "sample_steps", group: "basic", kind: "number", step: 1, slider: true },
   { name: "sample_guide_scale", group: "basic", kind: "number", step: 0.5, slider: true },
   { name: "sample_shift", group: "basic", kind: "number", step: 0.5, slider: true },
