@@ -201,6 +201,14 @@ def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return torch.cat([evens * cos - odds * sin, evens * sin + odds * cos], dim=-1).type_as(x)
 
 
+def rope_halves_order(attention: WanAttention) -> torch.Tensor:
+    """The row order that stores each head's query/key dimensions as (evens, odds): `deinterleave_rope`
+    applies it to the projections, pipeline/lora.py to a LoRA adapter's up-projections."""
+    head_dim = attention.inner_dim // attention.heads
+    within_head = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
+    return (torch.arange(attention.heads)[:, None] * head_dim + within_head).flatten()
+
+
 def deinterleave_rope(transformer: torch.nn.Module) -> None:
     """Store each self-attention head's query/key dimensions as (evens, odds), in place."""
     for module in transformer.modules():
@@ -208,9 +216,7 @@ def deinterleave_rope(transformer: torch.nn.Module) -> None:
             continue
         if type(module.processor) is not WanAttnProcessor or module.add_k_proj is not None or getattr(module, "fused_projections", False):
             raise ValueError("deinterleave_rope expects diffusers' text-to-video WanAttention with separate q/k/v projections")
-        head_dim = module.inner_dim // module.heads
-        within_head = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])
-        order = (torch.arange(module.heads)[:, None] * head_dim + within_head).flatten().to(module.to_q.weight.device)
+        order = rope_halves_order(module).to(module.to_q.weight.device)
         for tensor in (module.to_q.weight, module.to_q.bias, module.to_k.weight, module.to_k.bias,
                        module.norm_q.weight, module.norm_k.weight):
             tensor.data = tensor.data[order]

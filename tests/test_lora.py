@@ -1,0 +1,189 @@
+"""LoRA adapters on the tiny DiT: stock and rearranged layouts agree, formats agree, bad files fail by name."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.demo import build_transformer
+from pipeline.dit import rearrange_blocks, text_context
+from pipeline.lora import LoraMismatchError, add_adapter, load_adapter, load_lora_state_dict, use_adapter
+
+RANK = 4
+# diffusers module name -> the original Wan checkpoint's name for the same Linear
+WAN_NAMES = {"attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
+             "attn1.to_out.0": "self_attn.o", "attn2.to_q": "cross_attn.q", "ffn.net.0.proj": "ffn.0",
+             "ffn.net.2": "ffn.2"}
+
+
+@pytest.fixture(scope="module")
+def base():
+    """The tiny DiT with every parameter perturbed: ones and zeros would hide a missed permutation."""
+    torch.manual_seed(0)
+    model = build_transformer()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def inputs(base):
+    generator = torch.Generator().manual_seed(2)
+    return {"hidden_states": torch.randn(1, 16, 3, 8, 8, generator=generator), "timestep": torch.tensor([700.0]),
+            "embeds": torch.randn(7, base.config.text_dim, generator=generator)}
+
+
+def run(transformer, inputs):
+    with torch.inference_mode():
+        return transformer(hidden_states=inputs["hidden_states"], timestep=inputs["timestep"], return_dict=False,
+                           encoder_hidden_states=text_context(transformer, inputs["embeds"]))[0]
+
+
+def random_adapter(model, seed, wan_format=False):
+    """Random lora_A/lora_B (large enough to move the output) on every listed Linear of every block."""
+    generator = torch.Generator().manual_seed(seed)
+    state_dict = {}
+    for index, block in enumerate(model.blocks):
+        for module_name, wan_name in WAN_NAMES.items():
+            linear = block.get_submodule(module_name)
+            prefix = f"diffusion_model.blocks.{index}.{wan_name}" if wan_format else f"transformer.blocks.{index}.{module_name}"
+            state_dict[f"{prefix}.lora_A.weight"] = torch.randn(RANK, linear.in_features, generator=generator) * 0.3
+            state_dict[f"{prefix}.lora_B.weight"] = torch.randn(linear.out_features, RANK, generator=generator) * 0.3
+    return state_dict
+
+
+def saved(state_dict, path):
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    return path
+
+
+def as_wan_format(state_dict, comfy=False):
+    """The original Wan checkpoint's key names; `comfy`: ComfyUI's lora_down/lora_up with an alpha of
+    twice the rank, which scales the delta by 2 (the caller doubles the PEFT file's lora_A to match)."""
+    reverse = {v: k for k, v in WAN_NAMES.items()}
+    converted = {}
+    for key, tensor in state_dict.items():
+        _, _, index, *rest = key.split(".")  # transformer.blocks.N.<module>.lora_X.weight
+        module_name, kind = ".".join(rest[:-2]), rest[-2]
+        prefix = f"diffusion_model.blocks.{index}.{next(w for w, m in reverse.items() if m == module_name)}"
+        if comfy:
+            kind = {"lora_A": "lora_down", "lora_B": "lora_up"}[kind]
+            converted[f"{prefix}.alpha"] = torch.tensor(2.0 * RANK)
+        converted[f"{prefix}.{kind}.weight"] = tensor
+    return converted
+
+
+def with_adapter(model, path, rearranged):
+    model = copy.deepcopy(model)
+    if rearranged:
+        rearrange_blocks(model)
+    load_adapter(model, "style", path)
+    return model
+
+
+def test_adapter_changes_the_output_and_scale_zero_or_none_gives_the_base_exactly(base, inputs, tmp_path):
+    path = saved(random_adapter(base, 3), tmp_path / "style.safetensors")
+    plain = copy.deepcopy(base)
+    rearrange_blocks(plain)
+    expected = run(plain, inputs)
+    model = with_adapter(base, path, rearranged=True)
+    assert torch.equal(run(model, inputs), expected)  # loaded but not chosen: off
+    use_adapter(model, "style", 1.0)
+    adapted = run(model, inputs)
+    assert (adapted - expected).abs().max() > 0.05 * expected.abs().max()
+    use_adapter(model, "style", 0.0)
+    assert torch.equal(run(model, inputs), expected)
+    use_adapter(model, None, 1.0)
+    assert torch.equal(run(model, inputs), expected)
+    use_adapter(model, "style", 1.0)
+    assert torch.equal(run(model, inputs), adapted)  # no reload: the same weights come back
+    with pytest.raises(KeyError, match="no LoRA adapter named 'other'"):
+        use_adapter(model, "other", 1.0)
+
+
+def test_rearranged_dit_with_an_adapter_matches_diffusers_stock_dit_with_it(base, inputs, tmp_path):
+    path = saved(random_adapter(base, 4), tmp_path / "style.safetensors")
+    stock, rearranged = with_adapter(base, path, rearranged=False), with_adapter(base, path, rearranged=True)
+    for model in (stock, rearranged):
+        use_adapter(model, "style", 0.7)
+    expected, got = run(stock, inputs), run(rearranged, inputs)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+    # Without the row permutation the adapter's query/key delta lands on the wrong rows.
+    unpermuted = with_adapter(base, path, rearranged=True)
+    for stock_block, block in zip(stock.blocks, unpermuted.blocks):
+        for name in ("to_q", "to_k"):
+            up = getattr(block.attn1, name).lora_B["style"]
+            up.weight.data = getattr(stock_block.attn1, name).lora_B["style"].weight.data.clone()
+    use_adapter(unpermuted, "style", 0.7)
+    assert (run(unpermuted, inputs) - expected).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_adapter_equals_its_weights_merged_by_hand(base, inputs, tmp_path):
+    state_dict = random_adapter(base, 5)
+    scale = 0.6
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for key, up in state_dict.items():
+            if key.endswith("lora_B.weight"):
+                down = state_dict[key.replace("lora_B", "lora_A")]
+                merged.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_B.weight")).weight += scale * up @ down
+    rearrange_blocks(merged)
+    model = with_adapter(base, saved(state_dict, tmp_path / "style.safetensors"), rearranged=True)
+    use_adapter(model, "style", scale)
+    expected, got = run(merged, inputs), run(model, inputs)
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("comfy", [False, True], ids=["wan_lora_A_B", "comfy_down_up_alpha"])
+def test_wan_format_file_loads_to_the_same_output_as_the_peft_format_one(base, inputs, tmp_path, comfy):
+    state_dict = random_adapter(base, 6)
+    wan_path = saved(as_wan_format(state_dict, comfy=comfy), tmp_path / "comfy_style.safetensors")
+    if comfy:
+        state_dict = {k: v * 2 if "lora_A" in k else v for k, v in state_dict.items()}
+    folder = tmp_path / "peft_style"
+    folder.mkdir()
+    saved(state_dict, folder / "pytorch_lora_weights.safetensors")
+    assert set(load_lora_state_dict(wan_path)) == set(load_lora_state_dict(folder))
+    outputs = []
+    for path in (folder, wan_path):
+        model = with_adapter(base, path, rearranged=True)
+        use_adapter(model, "style", 1.0)
+        outputs.append(run(model, inputs))
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], run(with_adapter(base, wan_path, rearranged=True), inputs))  # really applied
+
+
+def test_several_adapters_stay_loaded_and_each_is_chosen_by_name(base, inputs, tmp_path):
+    """The second adapter also comes as PEFT writes it (no `transformer.` prefix): the same weights load."""
+    first, second = random_adapter(base, 7), random_adapter(base, 8)
+    bare_second = {k.removeprefix("transformer."): v for k, v in second.items()}
+    both = with_adapter(base, saved(first, tmp_path / "first.safetensors"), rearranged=True)
+    load_adapter(both, "second", saved(bare_second, tmp_path / "bare.safetensors"))
+    only_second = with_adapter(base, saved(second, tmp_path / "second.safetensors"), rearranged=True)
+    use_adapter(only_second, "style", 0.5)
+    use_adapter(both, "second", 0.5)
+    assert torch.equal(run(both, inputs), run(only_second, inputs))
+    use_adapter(both, "style", 0.5)
+    assert not torch.equal(run(both, inputs), run(only_second, inputs))
+
+
+def test_keys_that_do_not_match_the_model_are_an_error_naming_the_file_and_key(base, tmp_path):
+    state_dict = random_adapter(base, 9)
+    state_dict["transformer.blocks.0.attn1.to_qq.lora_A.weight"] = torch.zeros(RANK, 32)
+    path = saved(state_dict, tmp_path / "wrong.safetensors")
+    with pytest.raises(LoraMismatchError, match=r"wrong\.safetensors.*blocks\.0\.attn1\.to_qq\.lora_A\.weight"):
+        with_adapter(base, path, rearranged=True)
+    # A right name with the wrong width (an adapter for another model size) is refused the same way.
+    state_dict = random_adapter(base, 9)
+    state_dict["transformer.blocks.1.ffn.net.2.lora_B.weight"] = torch.zeros(99, RANK)
+    path = saved(state_dict, tmp_path / "other_size.safetensors")
+    with pytest.raises(LoraMismatchError, match=r"other_size\.safetensors.*blocks\.1\.ffn\.net\.2\.lora_B\.weight \(99, 4\)"):
+        with_adapter(base, path, rearranged=True)
+    wan = as_wan_format(random_adapter(base, 9))
+    wan["diffusion_model.blocks.0.self_attn.unknown.lora_A.weight"] = torch.zeros(RANK, 32)
+    path = saved(wan, tmp_path / "wan_wrong.safetensors")
+    with pytest.raises(LoraMismatchError, match=r"wan_wrong\.safetensors.*self_attn\.unknown"):
+        load_lora_state_dict(path)
