@@ -99,7 +99,7 @@ def test_keys_stay_out_of_the_gateway_settings_repr(tmp_path, monkeypatch):
     monkeypatch.setenv(KEYS_ENV, ",".join(KEYS))
     gateway = build(tiny_args(tmp_path, auth={"api_keys_env": KEYS_ENV}))._bound_deployment
     settings = gateway.init_args[-1]
-    assert settings["security"].api_keys == KEYS
+    assert settings.security.api_keys == KEYS
     assert not any(key in repr(settings) for key in KEYS)
 
 
