@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers.models.activations import GELU
 
+from pipeline.diffusers_compat import restore_class
 from pipeline.dit import GeluInEpilogue, HalvesRopeProcessor, rope_halves_order
 
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # diffusers', PEFT's
@@ -157,4 +157,4 @@ def _unfuse_adapted_gelu(transformer: torch.nn.Module) -> None:
     """`GeluInEpilogue` reads `proj.weight` itself and would skip an adapter on `proj`: use diffusers' forward there."""
     for module in transformer.modules():
         if type(module) is GeluInEpilogue and hasattr(module.proj, "base_layer"):
-            module.__class__ = GELU
+            restore_class(module)
