@@ -31,9 +31,12 @@ SIZES: dict[str, tuple[int, int]] = {
     "544*704": (544, 704),
 }
 
-# Samplers (pipeline.sampler.SAMPLERS): the official UniPC, and two for distilled models.
-SAMPLE_SOLVERS = ("unipc", "euler", "dmd")
-DMD_STEPS = 3  # dmd runs the distilled checkpoint's own timesteps (FastWan2.1: 1000, 757, 522)
+# The samplers pipeline/sampler.py runs: the official UniPC, and two for distilled models.
+SAMPLERS = ("unipc", "euler", "dmd")
+# FastWan2.1-T2V-1.3B's three DMD timesteps (FastVideo, fastvideo/configs/pipelines/wan.py,
+# FastWan2_1_T2V_480P_Config.dmd_denoising_steps): dmd runs one step per timestep.
+DMD_TIMESTEPS = (1000, 757, 522)
+DMD_STEPS = len(DMD_TIMESTEPS)
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
@@ -92,7 +95,7 @@ HELP: dict[str, dict[str, str]] = {
 # The constraints a field's metadata may carry (pydantic keeps Field(ge=..., max_length=...) there).
 BOUNDS = ("ge", "gt", "le", "lt", "max_length")
 JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
-CHOICES = {"size": SIZES, "sample_solver": SAMPLE_SOLVERS}
+CHOICES = {"size": SIZES, "sample_solver": SAMPLERS}
 
 
 class GenerationParams(BaseModel):
@@ -131,7 +134,7 @@ class GenerationParams(BaseModel):
     @field_validator("sample_solver", mode="before")
     @classmethod
     def _known_solver(cls, value: Any) -> str:
-        if not isinstance(value, str) or value.strip().lower() not in SAMPLE_SOLVERS:
+        if not isinstance(value, str) or value.strip().lower() not in SAMPLERS:
             raise ValueError("unknown sampler")
         return value.strip().lower()
 

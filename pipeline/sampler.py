@@ -28,6 +28,7 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from pipeline.dit import guidance_step
+from pipeline.params import DMD_TIMESTEPS, SAMPLERS
 
 NUM_TRAIN_TIMESTEPS = 1000
 SIGMA_MAX = 0.999  # the official scheduler's first sigma: 1 - 1/num_train_timesteps
@@ -74,9 +75,6 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tens
     return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
 
 
-# FastWan2.1-T2V-1.3B's three DMD timesteps (FastVideo, fastvideo/configs/pipelines/wan.py,
-# FastWan2_1_T2V_480P_Config.dmd_denoising_steps).
-DMD_TIMESTEPS = (1000, 757, 522)
 # FastVideo's DmdDenoisingStage builds its own FlowMatchEulerDiscreteScheduler(shift=8.0), whatever the
 # pipeline's flow_shift, and maps a timestep t to the sigma of that table's entry nearest to t: about
 # t/1000, snapped to the shift-8 grid (757 -> 28/37 = 0.75676). So `dmd` does not use the request's shift.
@@ -146,9 +144,6 @@ def dmd_schedule(timesteps: list[int], device: torch.device, generator: torch.Ge
         return (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * draw_noise(latents.shape, generator)
 
     return Schedule(torch.tensor(timesteps, dtype=torch.int64, device=device), step)
-
-
-SAMPLERS = ("unipc", "euler", "dmd")
 
 
 # The prompt's context, or a call that waits for it (made when the first conditional pass needs it).

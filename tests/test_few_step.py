@@ -179,9 +179,3 @@ def test_a_setting_the_sampler_would_ignore_is_refused(sampler, steps, timesteps
         denoise(dit, request(sampler, steps, timesteps=timesteps), CPU)
     assert dit.timesteps == []
 
-
-def test_the_api_offers_exactly_the_samplers_the_loop_runs():
-    from pipeline.params import DMD_STEPS, SAMPLE_SOLVERS
-    from pipeline.sampler import DMD_TIMESTEPS, SAMPLERS
-
-    assert SAMPLE_SOLVERS == SAMPLERS and DMD_STEPS == len(DMD_TIMESTEPS)
