@@ -317,6 +317,15 @@ def milestones(run: ServeRun) -> dict[str, float]:
     return found
 
 
+def constructors_began(run: ServeRun, readyz: dict | None) -> dict[str, float]:
+    """Seconds after launch at which each replica's __init__ began (its /readyz `startup.started_at`):
+    the time from "replicas added" to it is the replica's process start and module imports."""
+    stages = (readyz or {}).get("stages") or {}
+    return {f"{name}_init_began": round(stage["startup"]["started_at"] - run.launched_wall, 2)
+            for name, stage in stages.items()
+            if isinstance(stage, dict) and isinstance((stage.get("startup") or {}).get("started_at"), (int, float))}
+
+
 def session_dir(run: ServeRun) -> Path | None:
     """This cluster's Ray session folder, from its processes' command lines (its Serve logs live there)."""
     for pid, _ in process_tree(run.process.pid):
@@ -352,7 +361,7 @@ def running_service(args: argparse.Namespace, phase: str, results: dict) -> Iter
         run.remember_processes()  # now with every replica
         run.session_dir = session_dir(run)
         record["session_dir"] = str(run.session_dir)
-        record["milestones"] = milestones(run)
+        record["milestones"] = {**milestones(run), **constructors_began(run, record.get("readyz"))}
         record["scheduling_warnings"] = len(re.findall(r"taken more than \d+s to be scheduled", run.output()))
         yield (None if "error" in record else run), record
     finally:
@@ -935,9 +944,10 @@ def replica_phases(readyz: dict | None) -> str:
 
 
 def start_milestones(found: dict[str, float]) -> list[float | None]:
-    """Ray started, Serve started, app built, first replicas added, generator ready."""
+    """Ray started, Serve started, app built, first replicas added, generator __init__ began, generator ready."""
     added = min((seconds for name, seconds in found.items() if name.startswith("replicas_added")), default=None)
-    return [found.get("ray_started"), found.get("serve_started"), found.get("app_built"), added, found.get("generator_ready")]
+    return [found.get("ray_started"), found.get("serve_started"), found.get("app_built"), added,
+            found.get("video_generator_init_began"), found.get("generator_ready")]
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -975,7 +985,7 @@ def markdown(results: dict) -> str:
                                         [[row["target"], row["goal"], row["measured"], {True: "yes", False: "**no**", None: "—"}[row["met"]]]
                                          for row in results.get("targets", [])])
     lines += ["## Starts", "", "Seconds after launching `serve run`; milestones from the serve log's timestamps.", ""] + table(
-        ["#", "phase", "/readyz 200", "Ray started", "Serve started", "app built", "replicas added", "generator ready", "per-replica start phases (/readyz)", "stop"],
+        ["#", "phase", "/readyz 200", "Ray started", "Serve started", "app built", "replicas added", "generator __init__ began", "generator ready", "per-replica start phases (/readyz)", "stop"],
         [[start["n"], start["phase"], start.get("ready_s", start.get("error", "—")), *start_milestones(start.get("milestones", {})),
           replica_phases(start.get("readyz")), start.get("stop", {}).get("seconds")] for start in results.get("starts", [])])
     if soak.get("jobs"):

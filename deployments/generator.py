@@ -39,10 +39,11 @@ class VideoGenerator:
         any later one: weights loaded and placed, compiled code loaded or compiled, warmed.
         `settings.fault_injection`: OutOfMemoryInjector's arguments, for tests and drills only.
         """
-        from pipeline.generator import VideoModel  # here, not at the top: `serve run`'s app builder imports
-        # this module, and diffusers' import (seconds) would delay every replica's start
-
         self.startup = StartupPhases()
+        with self.startup.phase("import"):
+            # here, not at the top: `serve run`'s app builder imports this module, and diffusers'
+            # import (seconds) would delay every replica's start
+            from pipeline.generator import VideoModel
         device = settings.device
         if device == "cuda" and not torch.cuda.is_available():
             log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")

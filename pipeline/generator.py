@@ -158,9 +158,11 @@ class VideoModel:
             # Each length in each pass: the prompt's (conditional) and the negative prompt's (unconditional).
             dtype = self.models.transformer.dtype
             short, long = (torch.zeros(tokens, self.text_dim, dtype=dtype) for tokens in WARM_CONTEXT_TOKENS)
-            for context, negative_context in ((short, long), (long, short)):
-                self.generate(warm, context, negative_context)
+            # The first also decodes (the VAE's graphs); the second needs only its denoising step.
+            decode_s = self.generate(warm, short, long).timings["decode"]
+            self._denoise(warm, self._text_context("context", long), short)
         warmup_s = time.perf_counter() - started
+        phases.record("warmup_decode", decode_s)  # of compile_warmup: the VAE's share
         if cache is not None and not cached:
             with phases.phase("compile_cache_save"):
                 log.info("saved %.1f MB of compile cache artifacts", cache.save() / 1e6)
@@ -213,32 +215,9 @@ class VideoModel:
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
-        request = DenoiseRequest(
-            context=prompt_context if callable(context) else self._text_context("context", context),
-            negative_context=self._text_context("negative_context", negative_context),
-            frame_num=params.frame_num,
-            height=params.height,
-            width=params.width,
-            steps=params.sample_steps,
-            sampler=params.sample_solver,
-            shift=params.sample_shift,
-            guide_scale=params.sample_guide_scale,
-            seed=params.seed,
-        )
         started = time.perf_counter()
-        if self.step_cache is not None:
-            for model in filter(None, (self.models.transformer, self.uncond_transformer)):
-                reset_step_cache(model)  # each video starts with an empty cache
-        # The first generation at a shape compiles, and Dynamo cannot compile on two threads at once
-        # (CFG-parallel fails with "using FX to symbolically trace a dynamo-optimized function"):
-        # that one generation runs its two branches one after the other.
-        shape = (params.frame_num, params.height, params.width)
-        compiles = self.compiled and shape not in self._compiled_shapes
-        with self.models.denoising():
-            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel,
-                              self.uncond_transformer, branches_in_parallel=not compiles)
-        if self.uncond_transformer is None or request.guide_scale > 1.0:  # else the copy did not compile
-            self._compiled_shapes.add(shape)
+        latents = self._denoise(params, prompt_context if callable(context) else self._text_context("context", context),
+                                negative_context, on_progress, should_cancel)
         timings["denoise"] = time.perf_counter() - started
         if should_cancel is not None and should_cancel():  # cancelled during the last step
             raise GenerationCancelled(f"cancelled before the decode, after {params.sample_steps} steps")
@@ -265,6 +244,37 @@ class VideoModel:
         peak = torch.cuda.max_memory_allocated(self.device) if on_gpu else None
         return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak,
                                 video_path=writer.path if writer else None)
+
+    def _denoise(self, params: GenerationParams, context: torch.Tensor | Callable[[], torch.Tensor],
+                 negative_embeds: torch.Tensor, on_progress: ProgressCallback | None = None,
+                 should_cancel: CancelCheck | None = None) -> torch.Tensor:
+        """`params`' sampler over the DiT context `context` (or the call that waits for it) -> final latents."""
+        request = DenoiseRequest(
+            context=context,
+            negative_context=self._text_context("negative_context", negative_embeds),
+            frame_num=params.frame_num,
+            height=params.height,
+            width=params.width,
+            steps=params.sample_steps,
+            sampler=params.sample_solver,
+            shift=params.sample_shift,
+            guide_scale=params.sample_guide_scale,
+            seed=params.seed,
+        )
+        if self.step_cache is not None:
+            for model in filter(None, (self.models.transformer, self.uncond_transformer)):
+                reset_step_cache(model)  # each video starts with an empty cache
+        # The first generation at a shape compiles, and Dynamo cannot compile on two threads at once
+        # (CFG-parallel fails with "using FX to symbolically trace a dynamo-optimized function"):
+        # that one generation runs its two branches one after the other.
+        shape = (params.frame_num, params.height, params.width)
+        compiles = self.compiled and shape not in self._compiled_shapes
+        with self.models.denoising():
+            latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel,
+                              self.uncond_transformer, branches_in_parallel=not compiles)
+        if self.uncond_transformer is None or request.guide_scale > 1.0:  # else the copy did not compile
+            self._compiled_shapes.add(shape)
+        return latents
 
     def _text_context(self, name: str, embeds: torch.Tensor) -> torch.Tensor:
         """Checked [n, text_dim] real-token embeddings -> the DiT's context (`pipeline.dit.text_context`)."""

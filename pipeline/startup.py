@@ -13,6 +13,7 @@ class StartupPhases:
 
     def __init__(self):
         self.started = time.perf_counter()
+        self.started_at = time.time()  # wall clock: lines the replica's start up against the launcher's log
         self.phases: dict[str, float] = {}
         self.total: float | None = None
         self._lock = threading.Lock()
@@ -36,4 +37,4 @@ class StartupPhases:
         return f"ready in {self.total:.1f}s (" + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.phases.items()) + ")"
 
     def report(self) -> dict:
-        return {"seconds": self.total, "phases": dict(self.phases)}
+        return {"seconds": self.total, "started_at": round(self.started_at, 3), "phases": dict(self.phases)}
