@@ -15,7 +15,6 @@ Sections (each recorded even if another fails):
   flash3    our path with FlashAttention-3 instead of SDPA (eager)
   fast      FlashAttention-3 + compiled blocks + bf16 VAE: what a production config runs
   fast_unshared  the same with block 0's self-attention computed by both guidance passes
-  fast_padded    the same with cross-attention over the 512 zero-padded text rows
   fast_prompt_first  `fast` with the CPU prompt encode before the generation, not during it
   vae       bf16 (plain and as VideoModel runs it with compile on) against fp32 decode of the same
             latents: time, peak memory, pixel error
@@ -48,7 +47,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,9 +65,9 @@ DEVICE = torch.device("cuda")
 PROMPT = "A red fox trots through fresh snow at dawn, cinematic, soft light, 4k"  # ~40 umT5 tokens
 GIB = 2**30
 # variant -> (attention kernel, compiled DiT blocks, VAE dtype). Every variant but `reference` runs the
-# DiT as VideoModel does, with pipeline/dit.py's arrangement. Two variants each undo one of its
-# savings, to measure it in the same run: `fast_unshared` computes block 0's self-attention in both
-# passes of a guidance step; `fast_padded` runs cross-attention over the 512 zero-padded text rows (FA3).
+# DiT as VideoModel does, with pipeline/dit.py's arrangement. A variant undoes one of its savings, to
+# measure it in the same run: `fast_unshared` computes block 0's self-attention in both passes of a
+# guidance step.
 VARIANTS = {
     "reference": ("sdpa", False, torch.float32),  # diffusers' DiT arrangement: what every path is compared with
     "exact": ("sdpa", False, torch.float32),
@@ -77,7 +75,6 @@ VARIANTS = {
     "flash3": ("flash3", False, torch.float32),
     "fast": ("flash3", True, torch.bfloat16),
     "fast_unshared": ("flash3", True, torch.bfloat16),
-    "fast_padded": ("flash3", True, torch.bfloat16),
     # Step caches: diffusers' cache hooks keep Python state per block, which a fullgraph compile cannot trace.
     "fast_eager": ("flash3", False, torch.bfloat16),
 }
@@ -190,9 +187,6 @@ class Bench:
             generator_module.rearrange_blocks = rearrange
         if variant == "fast_unshared":
             replace_processor(model.models.transformer.blocks[0].attn1, HalvesRopeProcessor())
-        if variant == "fast_padded":  # VideoModel then pads the text to 512 rows (pipeline.dit.text_context)
-            for block in model.models.transformer.blocks:
-                replace_processor(block.attn2, WanAttnProcessor())
         if compiled:
             self.warmup_s = model.compile(self.params, cache_root=self.args.compile_cache)
         else:
@@ -398,8 +392,6 @@ class Bench:
     def fast_unshared(self) -> dict:
         return self.variant_run("fast_unshared")
 
-    def fast_padded(self) -> dict:
-        return self.variant_run("fast_padded")
 
     def vae(self) -> dict:
         if self.reference_latents is None:
@@ -502,7 +494,6 @@ def markdown(results: dict) -> str:
     ]
     for section, name in (("compiled", "compiled blocks"), ("flash3", "FlashAttention-3"), ("fast", "FA3 + compiled + bf16 VAE"),
                           ("fast_unshared", "the same, block-0 self-attention not shared"),
-                          ("fast_padded", "the same, cross-attention over 512 padded rows"),
                           ("fast_prompt_first", "the same, prompt encoded before the generation")):
         lines.append(f"| ours, {name} | {get(section, 'per_step_s')} | {get(section, 'generate_s')} | {get(section, 'prompt_wait_s')} | {get(section, 'end_to_end_s')} | "
                      f"{get(section, 'peak_gib')} | {get(section, 'latents_rel_error_vs_reference')} |")

@@ -202,7 +202,7 @@ class Profiler:
             change(model)
         if mode is not None:
             model.compile_repeated_blocks(fullgraph=True, mode=mode)
-        hidden, context = self.latents.to(torch.bfloat16), text_context(model, self.prompt)
+        hidden, context = self.latents.to(torch.bfloat16), text_context(self.prompt)
 
         @torch.inference_mode()
         def forward():
@@ -256,7 +256,7 @@ class Profiler:
             rearrange_blocks(self.cfg_model)
             self.cfg_model.compile_repeated_blocks(fullgraph=True)
         model, hidden = self.cfg_model, self.latents.to(torch.bfloat16)
-        positive, negative = text_context(model, self.prompt), text_context(model, self.negative_prompt)
+        positive, negative = text_context(self.prompt), text_context(self.negative_prompt)
 
         @torch.inference_mode()
         def forward(context):
@@ -298,7 +298,7 @@ class Profiler:
             replace_processor(model.models.transformer.blocks[0].attn1, HalvesRopeProcessor())
         model.compile()
         transformer = model.models.transformer
-        request = DenoiseRequest(context=text_context(transformer, self.prompt), negative_context=text_context(transformer, self.negative_prompt),
+        request = DenoiseRequest(context=text_context(self.prompt), negative_context=text_context(self.negative_prompt),
                                  frame_num=81, height=480, width=832, steps=LOOP_STEPS, shift=8.0, guide_scale=6.0, seed=42)
 
         def sample(steps: int) -> torch.Tensor:

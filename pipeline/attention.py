@@ -3,9 +3,8 @@
 Attention is about two thirds of a Wan DiT forward at 832x480x81 (32,760 tokens). On Hopper,
 FlashAttention-3 computes the same exact attention faster than PyTorch's best SDPA kernel (cuDNN),
 so `auto` picks it wherever it can run: a CUDA device of compute capability 9.x with a FA3 build
-installed. Everything else (CPU, other GPUs, no FA3) uses SDPA. This is the self-attention's kernel:
-`VideoModel`'s cross-attention takes the padding as a logit bias, which FA3 cannot, and runs SDPA
-(cuDNN on Hopper) over the prompt's real tokens (`pipeline.dit.PaddingAsBiasProcessor`).
+installed. Everything else (CPU, other GPUs, no FA3) uses SDPA. Self- and cross-attention run the
+same kernel.
 
 diffusers ships the `_flash_3` backend (a custom op with a fake kernel, so regional compile traces
 it) but looks for upstream's `flash_attn_interface` module; PyPI's forward-only build, `fa3-fwd`,

@@ -17,13 +17,16 @@ Both change only the order and place of rounding, so `VideoModel` always applies
 compiled, every memory policy); `bench/profile_gpu.py` measures the forward's difference from
 diffusers' arrangement on the GPU, and the CPU tests check it with the tiny model.
 
-Two more savings skip work whose result is known:
+One more saving skips work whose result is known: the two passes of a guidance step give block 0
+the same tokens, so its self-attention is computed once per step (`SharedSelfAttentionProcessor`; no
+change in rounding).
 
-- the two passes of a guidance step give block 0 the same tokens, so its self-attention is computed
-  once per step (`SharedSelfAttentionProcessor`; no change in rounding);
-- cross-attention attends to the prompt's real tokens and two rows standing for its padding instead
-  of 512 rows (`PaddingAsBiasProcessor`), which the kernels do faster
-  (bench/results/archive/profile-nvidia-h100-80gb-hbm3-2026-11-27-cross.json).
+Cross-attention keeps diffusers' processor over the full 512-row context, as the model was trained.
+Attending to the real tokens plus two rows carrying the padding's weight as a bias was 0.3 % faster a
+video (bench/results/archive/nvidia-h100-80gb-hbm3-2026-11-27-fast-v5.json, `fast_padded`), but its
+length followed the prompt: compiled blocks then needed a graph per alignment of that length
+(Inductor guards on rows % 8) and a dynamic size, which doubled the start-up warm-up. One fixed
+length compiles once, and no prompt can make a job compile.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from pipeline.diffusers_compat import attention_backend_of, replace_processor, swap_class
-from pipeline.text import MAX_TEXT_TOKENS, PADDING_ROWS, compact_context, pad_context
-from pipeline.torch_compat import addmm_gelu, maybe_mark_dynamic
+from pipeline.text import pad_context
+from pipeline.torch_compat import addmm_gelu
 
 
 @torch.library.custom_op("wan_t2v::linear_gelu_tanh", mutates_args=())
@@ -131,60 +134,9 @@ def guidance_step(transformer: torch.nn.Module) -> Iterator[Callable[[], None]]:
         processor.keep, processor.kept = False, None
 
 
-class PaddingAsBiasProcessor(WanAttnProcessor):
-    """Wan's cross-attention over a compact context: the real tokens, then two rows standing for the padding.
-
-    The DiT was trained on prompts zero-padded to 512 tokens. Padding rows are all the same vector, so
-    their keys and values are too, and softmax attention over N equal keys equals attention over one
-    of them with log(N) added to its logit. The bias reaches the kernel as a bf16 mask, whose rounding
-    could move the padding's weight by up to 1.6 %, so two rows share it: the first carries log(N)
-    rounded down to a bf16 value, the second the small remainder. `compact_context` builds the
-    context; this processor reads N from its length (N = 512 + 2 - rows), so every context it is
-    given must be compact.
-    """
-
-    def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
-                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
-        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # [B, L, heads, head_dim]
-        key = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1))  # [B, rows, heads, head_dim]
-        value = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        bias = padding_bias(key.shape[1], query.device).to(query.dtype)[None, None, None, :]  # [1, 1, 1, rows]
-        out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=bias)
-        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2, 3).type_as(query)))
-
-
-def padding_bias(rows: int, device: torch.device) -> torch.Tensor:
-    """The [rows] logit bias of a compact context: 0 for each real token, then log(weight) of its two padding rows."""
-    padding = torch.full((), MAX_TEXT_TOKENS + PADDING_ROWS - rows, dtype=torch.float32, device=device)
-    bulk = padding.log().view(torch.int32).bitwise_and(-(1 << 16)).view(torch.float32)  # rounded down to a bf16 value
-    remainder = (padding - bulk.exp()).clamp(min=0.0).log()  # -inf when nothing remains
-    # Built from `rows` alone: a tensor of rows - 2 elements would make compiled code specialize a
-    # one-token prompt's context (Dynamo treats sizes 0 and 1 as constants).
-    position = torch.arange(rows, device=device)
-    return torch.where(position == rows - 1, remainder, torch.where(position == rows - 2, bulk, 0.0))
-
-
-def text_context(transformer: torch.nn.Module, embeds: torch.Tensor) -> torch.Tensor:
-    """[n, dim] real-token embeddings -> the [1, rows, dim] context `transformer`'s cross-attention expects."""
-    compact = isinstance(transformer.blocks[0].attn2.processor, PaddingAsBiasProcessor)
-    return (compact_context if compact else pad_context)(embeds).unsqueeze(0)
-
-
-def compact_cross_attention(transformer: torch.nn.Module) -> None:
-    """Cross-attention over compact contexts (`PaddingAsBiasProcessor`), in place.
-
-    The context's length then follows the prompt: compiled blocks treat it as a dynamic size from the
-    first compile, so a prompt of a new length does not compile again.
-    """
-    for block in transformer.blocks:
-        if type(block.attn2.processor) is not WanAttnProcessor or block.attn2.add_k_proj is not None:
-            raise ValueError("compact_cross_attention expects diffusers' text-to-video cross-attention")
-        replace_processor(block.attn2, PaddingAsBiasProcessor())
-    transformer.condition_embedder.register_forward_hook(_text_rows_dynamic)
-
-
-def _text_rows_dynamic(_module, _inputs, outputs) -> None:
-    maybe_mark_dynamic(outputs[2], 1)  # the embedded context: [B, rows, dim]
+def text_context(embeds: torch.Tensor) -> torch.Tensor:
+    """[n, dim] real-token embeddings -> the [1, 512, dim] zero-padded context the DiT's cross-attention takes."""
+    return pad_context(embeds).unsqueeze(0)
 
 
 def share_first_self_attention(transformer: torch.nn.Module) -> None:
@@ -225,10 +177,9 @@ def deinterleave_rope(transformer: torch.nn.Module) -> None:
 
 def rearrange_blocks(transformer: torch.nn.Module) -> None:
     """Everything above, in place: GELU in the up-projection's epilogue, (evens, odds) RoPE heads,
-    block 0's self-attention shared by the two passes of a guidance step, compact cross-attention."""
+    block 0's self-attention shared by the two passes of a guidance step."""
     for module in transformer.modules():
         if type(module) is GELU and module.approximate == "tanh" and module.proj.bias is not None:
             swap_class(module, GeluInEpilogue)
     deinterleave_rope(transformer)
     share_first_self_attention(transformer)
-    compact_cross_attention(transformer)

@@ -3,8 +3,7 @@
 The official code pads every prompt to 512 tokens, runs the encoder with a mask and then trims the
 output to the real tokens. Running the encoder over the real tokens alone gives the same values
 (the mask hides the padding from every real position) at a fraction of the cost on a CPU. The DiT
-still sees a zero-padded 512-token context: `pad_context` builds it, or `compact_context` its
-equivalent for our DiT arrangement, right before the DiT.
+still sees a zero-padded 512-token context: `pad_context` builds it right before the DiT.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import ftfy
 import torch
 
 MAX_TEXT_TOKENS = 512
-PADDING_ROWS = 2  # in a compact context
 
 
 def clean_text(text: str) -> str:
@@ -28,16 +26,10 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def pad_context(embeds: torch.Tensor, length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
-    """[n, dim] real-token embeddings -> [length, dim], zero-padded (the DiT was trained on this)."""
+def pad_context(embeds: torch.Tensor) -> torch.Tensor:
+    """[n, dim] real-token embeddings -> [512, dim], zero-padded (the DiT was trained on this)."""
     n_tokens, dim = embeds.shape
-    return torch.cat([embeds, embeds.new_zeros(length - n_tokens, dim)])
-
-
-def compact_context(embeds: torch.Tensor) -> torch.Tensor:
-    """[n, dim] real-token embeddings -> [n + 2, dim]: two zero rows stand for all 512 - n padding rows
-    (`pipeline.dit.PaddingAsBiasProcessor` computes the same cross-attention from them)."""
-    return pad_context(embeds, embeds.shape[0] + PADDING_ROWS)
+    return torch.cat([embeds, embeds.new_zeros(MAX_TEXT_TOKENS - n_tokens, dim)])
 
 
 class PromptEncoder:

@@ -5,8 +5,6 @@ installed torch, so an upgrade that drops or changes one fails there, by name.
 
 - `torch._addmm_activation`: the one way to reach cuBLASLt's GELU epilogue from Python
   (`pipeline.dit.linear_gelu_tanh`).
-- `torch._dynamo.maybe_mark_dynamic`: a size compiled as dynamic from the first compile, without an
-  error where Dynamo specializes it; torch.compiler has no public equivalent.
 - `torch._dynamo.config`'s recompile limit (`recompile_limit`, `cache_size_limit` in older releases):
   how many shapes one compiled region may meet before it silently falls back to eager.
 - `torch._inductor.config`: process-wide Inductor settings, for compiles whose `mode` rules out
@@ -23,11 +21,6 @@ SUPPORTED_VERSIONS = "torch>=2.5,<2.15"
 def addmm_gelu(bias: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor) -> torch.Tensor:
     """gelu(bias + x @ weight_t) as one op: on CUDA the tanh GELU in cuBLASLt's epilogue, elsewhere the erf GELU."""
     return torch._addmm_activation(bias, x, weight_t, use_gelu=True)
-
-
-def maybe_mark_dynamic(tensor: torch.Tensor, dim: int) -> None:
-    """Compile `tensor`'s size `dim` as dynamic from the first compile (a hint: Dynamo may still specialize it)."""
-    torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
 def raise_recompile_limit(limit: int) -> None:

@@ -42,7 +42,7 @@ def fresh_double() -> Callable[[torch.Tensor], torch.Tensor]:
     return types.FunctionType(double.__code__.replace(), double.__globals__)
 
 
-def compile_count(shapes, dynamic: bool | None, mark_dynamic: bool = False) -> int:
+def compile_count(shapes) -> int:
     """How many graphs Dynamo compiles for `fresh_double` called on [2, n] tensors, n in `shapes`."""
     graphs = []
 
@@ -50,11 +50,9 @@ def compile_count(shapes, dynamic: bool | None, mark_dynamic: bool = False) -> i
         graphs.append(graph)
         return graph.forward
 
-    double = torch.compile(fresh_double(), backend=counting_backend, dynamic=dynamic)
+    double = torch.compile(fresh_double(), backend=counting_backend, dynamic=False)
     for columns in shapes:
         x = torch.ones(2, columns)
-        if mark_dynamic:
-            torch_compat.maybe_mark_dynamic(x, 1)
         assert torch.equal(double(x), x * 2)
     return len(graphs)
 
@@ -69,17 +67,13 @@ def check_addmm_activation():
     torch.testing.assert_close(torch_compat.addmm_gelu(bias, x, weight.t()), F.gelu(torch.addmm(bias, x, weight.t())))
 
 
-def check_maybe_mark_dynamic():
-    assert compile_count((3, 5), dynamic=None) == 2  # unmarked: a static graph, then a dynamic one
-    assert compile_count((3, 5), dynamic=None, mark_dynamic=True) == 1
-
 
 def check_recompile_limit():
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     with config.patch({name: 2}):
         torch_compat.raise_recompile_limit(4)
-        assert compile_count(range(2, 8), dynamic=False) == 4  # a static graph per shape, up to the limit
+        assert compile_count(range(2, 8)) == 4  # a static graph per shape, up to the limit
 
 
 def check_inductor_config():
@@ -253,7 +247,6 @@ def check_serve_namespace():
 
 WRAPPED = [
     Wrapped("torch", "torch._addmm_activation", check_addmm_activation),
-    Wrapped("torch", "torch._dynamo.maybe_mark_dynamic", check_maybe_mark_dynamic),
     Wrapped("torch", "torch._dynamo.config.recompile_limit", check_recompile_limit),
     Wrapped("torch", "torch._inductor.config", check_inductor_config),
     Wrapped("diffusers", "AutoencoderKLWan._feat_map/_conv_idx", check_vae_feature_cache),

@@ -166,13 +166,13 @@ def test_compiled_cfg_parallel_compiles_one_branch_at_a_time(demo_source, embedd
 
 
 def test_rearranged_dit_computes_the_same_function(demo_source):
-    """GELU in the up-projection's op, (evens, odds) RoPE heads, padding as a bias: same outputs, every block converted."""
+    """GELU in the up-projection's op, (evens, odds) RoPE heads: same outputs, every block converted."""
     import copy
 
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    from pipeline.dit import (GeluInEpilogue, HalvesRopeProcessor, PaddingAsBiasProcessor, SharedSelfAttentionProcessor,
-                              linear_gelu_tanh, rearrange_blocks, text_context)
+    from pipeline.dit import (GeluInEpilogue, HalvesRopeProcessor, SharedSelfAttentionProcessor, linear_gelu_tanh,
+                              rearrange_blocks, text_context)
     from pipeline.loading import load_transformer
     from pipeline.text import MAX_TEXT_TOKENS
 
@@ -187,37 +187,20 @@ def test_rearranged_dit_computes_the_same_function(demo_source):
     assert sum(type(m) is GeluInEpilogue for m in rearranged.modules()) == blocks
     processors = [type(block.attn1.processor) for block in rearranged.blocks] + [type(block.attn2.processor) for block in rearranged.blocks]
     # Block 0's self-attention (a subclass) can serve both guidance passes; cross-attention has no RoPE.
-    assert processors == [SharedSelfAttentionProcessor] + [HalvesRopeProcessor] * (blocks - 1) + [PaddingAsBiasProcessor] * blocks
-    assert type(reference.blocks[0].attn2.processor) is WanAttnProcessor
-    # Short, long and full prompts: 510 real tokens leave two padding rows, 512 leave none.
-    for n_tokens in (6, 510, MAX_TEXT_TOKENS):
+    assert processors == [SharedSelfAttentionProcessor] + [HalvesRopeProcessor] * (blocks - 1) + [WanAttnProcessor] * blocks
+    # Short and full prompts: 512 real tokens leave no padding.
+    for n_tokens in (6, MAX_TEXT_TOKENS):
         embeds = torch.randn(n_tokens, reference.config.text_dim, generator=generator)
-        assert text_context(reference, embeds).shape[1] == MAX_TEXT_TOKENS
-        assert text_context(rearranged, embeds).shape[1] == n_tokens + 2
+        assert text_context(embeds).shape == (1, MAX_TEXT_TOKENS, reference.config.text_dim)
         inputs = {"hidden_states": torch.randn(1, 16, 3, 8, 8, generator=generator), "timestep": torch.tensor([700.0]), "return_dict": False}
         with torch.inference_mode():
-            expected = reference(**inputs, encoder_hidden_states=text_context(reference, embeds))[0]
-            got = rearranged(**inputs, encoder_hidden_states=text_context(rearranged, embeds))[0]
+            expected = reference(**inputs, encoder_hidden_states=text_context(embeds))[0]
+            got = rearranged(**inputs, encoder_hidden_states=text_context(embeds))[0]
         assert (got - expected).abs().max() < 1e-5 * expected.abs().max(), n_tokens
     assert not torch.equal(rearranged.blocks[0].attn1.to_q.weight, reference.blocks[0].attn1.to_q.weight)  # really permuted
 
     x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 5, 8), (12, 8), (12,)))
     assert torch.equal(linear_gelu_tanh(x, weight, bias), torch.nn.functional.gelu(x @ weight.T + bias, approximate="tanh"))
-
-
-def test_padding_bias_weighs_the_two_rows_as_all_the_padding_in_bf16():
-    """The bias reaches the kernel in bf16: the two rows' weights still add up to the padding's row count."""
-    from pipeline.dit import padding_bias
-    from pipeline.text import MAX_TEXT_TOKENS
-
-    for n_tokens in (1, 40, 120, 333, 510, 511, MAX_TEXT_TOKENS):
-        bias = padding_bias(n_tokens + 2, torch.device("cpu"))
-        assert torch.equal(bias[:-2], torch.zeros(n_tokens))
-        weight = bias[-2:].to(torch.bfloat16).double().exp().sum().item()
-        assert weight == pytest.approx(MAX_TEXT_TOKENS - n_tokens, rel=1e-4, abs=1e-6), n_tokens
-        # One row with log(padding) in bf16 would be off by up to 1.6 %; 333 padding rows: 0.4 %.
-    one_row = torch.tensor(float(np.log(333))).to(torch.bfloat16).double().exp().item()
-    assert abs(one_row / 333 - 1) > 1e-3
 
 
 def test_video_model_runs_the_fused_dit_and_refuses_what_it_cannot_rearrange(demo_source):
@@ -248,7 +231,7 @@ def test_block_zero_self_attention_is_computed_once_per_guidance_step(demo_sourc
     unshared.blocks[0].attn1.processor.__class__ = HalvesRopeProcessor
 
     text = torch.randn(20, shared.config.text_dim, generator=torch.Generator().manual_seed(0))
-    request = DenoiseRequest(context=text_context(shared, text[:6]), negative_context=text_context(shared, text[6:]),
+    request = DenoiseRequest(context=text_context(text[:6]), negative_context=text_context(text[6:]),
                              frame_num=5, height=32, width=32, steps=3, shift=8.0, guide_scale=6.0, seed=0)
     latents, query_projections = {}, {}
     for name, transformer in (("shared", shared), ("unshared", unshared)):

@@ -47,7 +47,7 @@ def inputs(embeddings) -> dict:
 
 
 def forward(model, inputs: dict) -> torch.Tensor:
-    context = text_context(model, inputs["prompt"])  # 512 padded rows for the stock model, 42 for the rearranged one
+    context = text_context(inputs["prompt"])  # 512 zero-padded rows
     with torch.inference_mode():
         return model(hidden_states=inputs["latents"], timestep=inputs["timestep"], encoder_hidden_states=context,
                      return_dict=False)[0].float()

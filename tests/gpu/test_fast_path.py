@@ -69,9 +69,9 @@ def test_fast_path_final_latents_match_the_reference_path(models, embeddings):
 
 def test_after_the_warm_up_no_prompt_length_compiles_again(embeddings):
     """The replica's warm-up (`VideoModel.compile` with the expected shape) leaves no compile to a job:
-    prompts and negative prompts of any length and alignment (rows = tokens + 2; Inductor guards on
-    rows % 8) in either pass run graphs compiled at start-up. The 352-row default negative prompt
-    once cost the first job 13 s."""
+    prompts and negative prompts of any length in either pass run graphs compiled at start-up (the
+    context is always 512 rows). A context whose length followed the prompt once cost the first job
+    13 s (bench/results/service-h200-2026-12-02/README.md)."""
     model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
     model.compile(PARAMS)
     graphs = counters["stats"]["unique_graphs"]
