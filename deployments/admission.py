@@ -87,6 +87,7 @@ class Admission:
         except ValidationError as error:
             raise invalid(error) from None
         self.check_limits(plan.params, create.seconds)
+        self.check_adapter(plan.params)
         job, work = self.new_job(plan, request.headers.get("x-request-id"))
         try:
             return await self.board.call(self.board.store.create, job, work.model_dump(mode="json"), self.settings.max_pending_jobs)
@@ -116,6 +117,13 @@ class Admission:
         ).model_dump()
         work = JobWork(params=params, negative_prompt=params.effective_negative_prompt, memory_policy=plan.memory_policy, submitted_at=now)
         return job, work
+
+    def check_adapter(self, params: GenerationParams) -> None:
+        """A request names an adapter; which ones exist is this server's `loras:` registry."""
+        if params.lora and params.lora not in self.settings.loras:
+            served = ", ".join(self.settings.loras) or "none are served here"
+            raise field_error(422, "invalid_parameters", "lora", f"no adapter named {params.lora!r}; allowed: empty for none, "
+                              f"or one of the served adapters ({served}; GET /v1/models)", params.lora)
 
     def check_limits(self, params: GenerationParams, seconds: int | None) -> None:
         """The operator's limits, named as the request put it: OpenAI's `seconds` stands for frame_num."""

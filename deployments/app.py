@@ -7,6 +7,7 @@ the key (Ray itself would silently drop them).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,6 +27,7 @@ from pipeline.attention import AttentionKernel
 from pipeline.compile_cache import STEP_CACHE_NOT_COMPILABLE
 from pipeline.loading import resolve_model_source
 from pipeline.memory import MemoryPolicy
+from pipeline.params import ADAPTER_NAME
 
 log = logging.getLogger("wan_t2v.app")
 
@@ -145,6 +147,9 @@ class AppArgs(Strict):
     defaults: ParamOverrides = ParamOverrides()
     limits: OutputLimits = OutputLimits()
     output_dir: str = "outputs"
+    # LoRA adapters served, name -> an adapter file or folder on this server (diffusers/PEFT or the
+    # original Wan/ComfyUI format). Requests choose one by name (`lora`); never a path.
+    loras: dict[str, str] = {}
     max_pending_jobs: int = Field(default=64, ge=1)
     # A running job's lease: a gateway replica that is alive but stuck loses its job to another after
     # this long (a dead replica's jobs are re-queued at once).
@@ -156,6 +161,30 @@ class AppArgs(Strict):
     def _one_encoder_at_least(self) -> AppArgs:
         if self.cpu_text_encoder is None and self.gpu_text_encoder is None:
             raise ValueError("deploy at least one of cpu_text_encoder and gpu_text_encoder")
+        return self
+
+    @field_validator("loras")
+    @classmethod
+    def _adapter_files(cls, value: dict[str, str]) -> dict[str, str]:
+        """Names a request can give, files that exist: checked here, before any replica starts."""
+        from pipeline.lora import lora_file
+
+        resolved = {}
+        for name, path in value.items():
+            if not re.match(ADAPTER_NAME, name):
+                raise ValueError(f"loras: {name!r} is not an adapter name (letters, digits, '.', '_', '-'; at most 64)")
+            try:
+                lora_file(Path(path).expanduser())
+            except FileNotFoundError as error:
+                raise ValueError(f"loras.{name}: {error}") from None
+            resolved[name] = str(Path(path).expanduser().resolve())
+        return resolved
+
+    @model_validator(mode="after")
+    def _pinned_adapter_is_served(self) -> AppArgs:
+        for where, overrides in (("pins", self.pins), ("defaults", self.defaults)):
+            if overrides.lora and overrides.lora not in self.loras:
+                raise ValueError(f"{where}.lora: {overrides.lora!r} is not in loras (served: {', '.join(self.loras) or 'none'})")
         return self
 
 
@@ -226,11 +255,13 @@ def build(args: AppArgs) -> serve.Application:
         attention=gen.attention,
         fault_injection=gen.fault_injection.model_dump() if gen.fault_injection else None,
         compile_cache_dir=str(Path(gen.compile_cache_dir).expanduser().resolve() if gen.compile_cache_dir else output_dir / "compile-cache"),
+        loras=args.loras,
     ))
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)
     settings = GatewaySettings(
         model=source.describe(),
+        loras=list(args.loras),
         pins=args.pins.given(),
         defaults=args.defaults.given(),
         limits=args.limits.model_dump(),

@@ -28,7 +28,7 @@ from deployments.job_runner import JobRunner
 from deployments.jobs import ACTIVE, JobStore
 from deployments.messages import GatewaySettings
 from deployments.metrics import GatewayMetrics
-from deployments.protocol import TERMINAL_STATUSES, ModelCard, VideoJob, VideoList, create_request_schema
+from deployments.protocol import TERMINAL_STATUSES, AdapterCard, ModelCard, VideoJob, VideoList, create_request_schema
 from deployments.security import OPEN_PATHS, RequestGuard
 from pipeline.params import SIZES, parameter_table
 
@@ -161,7 +161,8 @@ class Gateway:
     @app.get("/v1/models")
     async def models(self) -> dict:
         card = ModelCard(id=self.model["id"], source=self.model["source"], layout=self.model["layout"], demo_model=self.model["demo_model"])
-        return {"object": "list", "data": [card.model_dump()]}
+        adapters = [AdapterCard(id=name, parent=card.id) for name in self.settings.loras]
+        return {"object": "list", "data": [card.model_dump()] + [adapter.model_dump() for adapter in adapters]}
 
     @app.get("/v1/config")
     async def config(self) -> dict:
@@ -170,7 +171,8 @@ class Gateway:
         return {
             "model": self.model,
             "sizes": list(SIZES),
-            "parameters": parameter_table(),
+            "parameters": parameter_table(adapters=self.settings.loras),
+            "loras": list(self.settings.loras),
             "pins": self.admission.planner.pins.given(),
             "defaults": self.admission.planner.defaults.given(),
             "limits": self.admission.limits,

@@ -56,7 +56,7 @@ class VideoGenerator:
                 log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
         self.default_policy = MemoryPolicy(settings.memory_policy)
         self.model = VideoModel.load(source, torch.device(device), self.default_policy, parse_dtype(settings.vae_dtype),
-                                    uncond_device, settings.attention, self.startup)
+                                    uncond_device, settings.attention, self.startup, settings.loras)
         if settings.step_cache is not None:
             self.model.enable_step_cache(settings.step_cache["kind"], **settings.step_cache["options"])
         if settings.compile_for is not None:

@@ -45,12 +45,14 @@ class GeneratorSettings(Message):
     attention: str = "auto"
     fault_injection: dict[str, Any] | None = None
     compile_cache_dir: str | None = None
+    loras: dict[str, str] = {}  # served LoRA adapters: name -> file or folder
 
 
 class GatewaySettings(Message):
     """The Gateway's bind options: the model it serves, the operator's pins, defaults and limits, the store."""
 
     model: dict[str, Any]
+    loras: list[str] = []  # the served LoRA adapters' names
     pins: dict[str, Any]
     defaults: dict[str, Any]
     limits: dict[str, int]

@@ -141,6 +141,16 @@ class ErrorBody(BaseModel):
     fields: list[FieldError] = []
 
 
+class AdapterCard(BaseModel):
+    """A served LoRA adapter in GET /v1/models: a request selects it with `lora`."""
+
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str = "wan-t2v-serve"
+    kind: Literal["lora"] = "lora"
+    parent: str  # the base model it adapts
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

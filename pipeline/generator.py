@@ -21,6 +21,7 @@ from pipeline.compile_cache import STEP_CACHE_NOT_COMPILABLE, CompileCache, cach
 from pipeline.diffusers_compat import reset_step_cache
 from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
+from pipeline.lora import ServedAdapters, load_lora_state_dict
 from pipeline.memory import MemoryPolicy, PlacedModels
 from pipeline.params import GenerationParams
 from pipeline.sampler import CancelCheck, DenoiseRequest, GenerationCancelled, ProgressCallback, denoise
@@ -61,11 +62,15 @@ class VideoModel:
         policy: MemoryPolicy = MemoryPolicy.RESIDENT,
         uncond_device: torch.device | None = None,
         attention: AttentionKernel = "auto",
+        adapters: dict[str, tuple[dict[str, torch.Tensor], float]] | None = None,
+        adapter_sources: dict[str, str] | None = None,
     ):
+        """`adapters`: LoRA adapters to serve, name -> (state dict, scaling) as `pipeline.lora.load_lora_state_dict` reads them."""
         # Before the CFG-parallel copy below, so both copies run the same kernel.
         self.attention = resolve_kernel(attention, device)
         set_attention_kernel(transformer, self.attention)
         rearrange_blocks(transformer)  # before placement: the stream policy's offload hooks keep copies of the weights
+        self.adapters = ServedAdapters(transformer, adapters, adapter_sources) if adapters else None
         speed_up_decode(vae, channels_last=device.type == "cuda")
         self.models = PlacedModels(transformer, vae, device, policy)
         self.device = device
@@ -74,6 +79,8 @@ class VideoModel:
             if self.models.policy is not MemoryPolicy.RESIDENT:
                 raise ValueError("CFG-parallel keeps both DiT copies resident; use memory policy 'resident'")
             self.uncond_transformer = copy.deepcopy(transformer).to(uncond_device)
+            if self.adapters is not None:
+                self.adapters.attach_copy(self.uncond_transformer)
         self.step_cache: str | None = None
         self.compiled = False
         self._compiled_shapes: set[tuple[int, int, int]] = set()  # (frames, height, width) seen since compile()
@@ -103,6 +110,7 @@ class VideoModel:
         uncond_device: torch.device | None = None,
         attention: AttentionKernel = "auto",
         phases: StartupPhases | None = None,
+        loras: dict[str, str] | None = None,
     ) -> VideoModel:
         """Loads the DiT (`load_dit` in `phases`), then the VAE (`load_vae`), then moves them to the
         device under the policy (`place`).
@@ -120,8 +128,12 @@ class VideoModel:
             transformer = load_transformer(source, dit_dtype)
         with phases.phase("load_vae"):
             vae = load_vae(source, vae_dtype)
+        adapters = None
+        if loras:
+            with phases.phase("load_loras"):
+                adapters = {name: load_lora_state_dict(path) for name, path in loras.items()}
         with phases.phase("place"):
-            model = cls(transformer, vae, device, policy, uncond_device, attention)
+            model = cls(transformer, vae, device, policy, uncond_device, attention, adapters, loras)
         log.info("loaded DiT (%s, %s attention) + VAE (%s) from %s in %.1fs",
                  dit_dtype, model.attention, vae_dtype, source.folder, time.perf_counter() - started)
         return model
@@ -172,6 +184,7 @@ class VideoModel:
                    for name, model in (("transformer", self.models.transformer), ("vae", self.models.vae))}
         settings = {"inductor": INDUCTOR_OPTIONS, "attention": self.attention, "vae_dtype": str(self.models.vae.dtype),
                     "policy": self.policy.value, "cfg_parallel": self.uncond_transformer is not None,
+                    "lora_slot": None if self.adapters is None else {k: v for k, v in self.adapters.describe().items() if k != "names"},
                     "warm": None if warm_params is None else [warm_params.size, warm_params.frame_num]}
         return cache_key(self.device, configs, settings)
 
@@ -210,6 +223,12 @@ class VideoModel:
             timings["prompt_wait"] = time.perf_counter() - started
             return self._text_context("context", embeds)
 
+        if params.lora and self.adapters is None:
+            raise ValueError(f"lora {params.lora!r} asked for, but this model serves no LoRA adapters")
+        if self.adapters is not None:
+            started = time.perf_counter()
+            self.adapters.use(params.lora or None, params.lora_scale)
+            timings["lora_switch"] = time.perf_counter() - started
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -9,6 +9,7 @@ defaults, ranges and help from here (tests/test_parameter_source.py holds them t
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from typing import Any, get_args
 
@@ -40,6 +41,9 @@ DMD_STEPS = len(DMD_TIMESTEPS)
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
+# A LoRA adapter's name in the YAML's `loras:` registry (and in requests): no paths, no spaces.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MAX_LORA_SCALE = 2.0
 
 # What each field accepts, in words; every rejection quotes it.
 ALLOWED: dict[str, str] = {
@@ -53,6 +57,8 @@ ALLOWED: dict[str, str] = {
     "sample_guide_scale": "a number from 0 to 20 (recommended 4–10)",
     "sample_shift": "a number above 0 and at most 20 (recommended 4–12)",
     "seed": f"-1 (draw one) or an integer from 0 to {MAX_SEED}",
+    "lora": "the name of a LoRA adapter this server serves (GET /v1/models), or empty for none",
+    "lora_scale": "a number from 0 to 2 (1 = the adapter as trained, 0 = the base model)",
     "offload_model": "true or false",
     "t5_cpu": "true or false",
 }
@@ -85,6 +91,9 @@ HELP: dict[str, dict[str, str]] = {
         "en": "Controls motion. Low (4-6): smoother, more static video; high (8-12): more dynamic video with stronger changes",
     },
     "seed": {"zh": "控制随机性，-1表示随机生成", "en": "Controls randomness; -1 draws a random seed"},
+    "lora": {"zh": "LoRA 适配器（风格或蒸馏），由服务端提供；留空则使用基础模型",
+             "en": "A LoRA adapter (a style or a distillation) served by this server; empty for the base model"},
+    "lora_scale": {"zh": "LoRA 强度：1 为训练时的强度，0 等于基础模型", "en": "The adapter's strength: 1 as trained, 0 the base model"},
     "offload_model": {
         "zh": "将模型权重从GPU内存卸载到CPU内存，减少显存占用，但会降低推理速度",
         "en": "Moves model weights from GPU memory to CPU memory: less VRAM, slower inference",
@@ -112,6 +121,8 @@ class GenerationParams(BaseModel):
     sample_guide_scale: float = Field(default=6.0, ge=0.0, le=20.0)
     sample_shift: float = Field(default=8.0, gt=0.0, le=20.0)
     seed: int = Field(default=-1, ge=-1, le=MAX_SEED)
+    lora: str = Field(default="", max_length=64)  # a served adapter's name; "" = none
+    lora_scale: float = Field(default=1.0, ge=0.0, le=MAX_LORA_SCALE)
     # None = "whatever the serving side decides" (the replica's memory policy, the deployed encoder).
     offload_model: bool | None = None
     t5_cpu: bool | None = None
@@ -143,6 +154,14 @@ class GenerationParams(BaseModel):
     def _dmd_steps(cls, value: int, info: ValidationInfo) -> int:
         if info.data.get("sample_solver") == "dmd" and value != DMD_STEPS:
             raise ValueError(f"sample_solver dmd runs exactly {DMD_STEPS} steps")
+        return value
+
+    @field_validator("lora")
+    @classmethod
+    def _adapter_name(cls, value: str) -> str:
+        # Which names are served is the server's to check; this only refuses what no registry can hold.
+        if value and not re.match(ADAPTER_NAME, value):
+            raise ValueError("not an adapter name (letters, digits, '.', '_', '-')")
         return value
 
     @field_validator("frame_num")
@@ -177,14 +196,18 @@ def field_type(name: str) -> type:
     return next((arg for arg in get_args(annotation) if arg is not type(None)), annotation)
 
 
-def parameter_table() -> list[dict[str, Any]]:
+def parameter_table(adapters: list[str] = ()) -> list[dict[str, Any]]:
     """Every generation parameter, in order, as clients show it: name, type, default, bounds, allowed text, help.
+
+    `adapters`: the served LoRA adapters' names, the `lora` row's choices after "" (none).
 
     Read off `GenerationParams` so that the web page (through GET /v1/config) builds its controls from
     the model that validates, and cannot drift from it. A list of rows, not an object keyed by name:
     the page's JSON reader turns the value of every "seed" key into exact digits.
     """
-    return [_describe_field(name, field) for name, field in GenerationParams.model_fields.items()]
+    rows = [_describe_field(name, field) for name, field in GenerationParams.model_fields.items()]
+    next(row for row in rows if row["name"] == "lora")["choices"] = ["", *adapters]
+    return rows
 
 
 def _describe_field(name: str, field: FieldInfo) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """LoRA adapters on the tiny DiT: stock and rearranged layouts agree, formats agree, bad files fail by name."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 
 from pipeline.demo import build_transformer
 from pipeline.dit import rearrange_blocks, text_context
-from pipeline.lora import LoraMismatchError, add_adapter, load_adapter, load_lora_state_dict, use_adapter
+from pipeline.lora import SLOT, LoraMismatchError, ServedAdapters, load_lora_state_dict
 
 RANK = 4
 # diffusers module name -> the original Wan checkpoint's name for the same Linear
@@ -39,7 +40,7 @@ def inputs(base):
 def run(transformer, inputs):
     with torch.inference_mode():
         return transformer(hidden_states=inputs["hidden_states"], timestep=inputs["timestep"], return_dict=False,
-                           encoder_hidden_states=text_context(transformer, inputs["embeds"]))[0]
+                           encoder_hidden_states=text_context(inputs["embeds"]))[0]
 
 
 def random_adapter(model, seed, wan_format=False):
@@ -76,12 +77,13 @@ def as_wan_format(state_dict, comfy=False):
     return converted
 
 
-def with_adapter(model, path, rearranged):
+def with_adapters(model, rearranged, **paths):
+    """A copy of `model` (rearranged or stock) serving the adapters at `paths`, by name."""
     model = copy.deepcopy(model)
     if rearranged:
         rearrange_blocks(model)
-    load_adapter(model, "style", path)
-    return model
+    served = ServedAdapters(model, {name: load_lora_state_dict(path) for name, path in paths.items()}, paths)
+    return model, served
 
 
 def test_adapter_changes_the_output_and_scale_zero_or_none_gives_the_base_exactly(base, inputs, tmp_path):
@@ -89,36 +91,51 @@ def test_adapter_changes_the_output_and_scale_zero_or_none_gives_the_base_exactl
     plain = copy.deepcopy(base)
     rearrange_blocks(plain)
     expected = run(plain, inputs)
-    model = with_adapter(base, path, rearranged=True)
-    assert torch.equal(run(model, inputs), expected)  # loaded but not chosen: off
-    use_adapter(model, "style", 1.0)
+    model, served = with_adapters(base, rearranged=True, style=path)
+    assert torch.equal(run(model, inputs), expected)  # loaded but not chosen: the slot adds exact zeros
+    served.use("style", 1.0)
     adapted = run(model, inputs)
     assert (adapted - expected).abs().max() > 0.05 * expected.abs().max()
-    use_adapter(model, "style", 0.0)
+    served.use("style", 0.0)
     assert torch.equal(run(model, inputs), expected)
-    use_adapter(model, None, 1.0)
+    served.use(None)
     assert torch.equal(run(model, inputs), expected)
-    use_adapter(model, "style", 1.0)
+    served.use("style", 1.0)
     assert torch.equal(run(model, inputs), adapted)  # no reload: the same weights come back
     with pytest.raises(KeyError, match="no LoRA adapter named 'other'"):
-        use_adapter(model, "other", 1.0)
+        served.use("other", 1.0)
+
+
+def test_switching_keeps_the_same_parameters_and_adapter_state(base, tmp_path):
+    """What compiled blocks guard on never changes: the same slot tensors (copied into in place), one
+    active PEFT adapter, the same scaling. So a switch cannot recompile."""
+    model, served = with_adapters(base, rearranged=True, first=saved(random_adapter(base, 10), tmp_path / "a.safetensors"),
+                                  second=saved(random_adapter(base, 11), tmp_path / "b.safetensors"))
+    layer = model.blocks[0].attn1.to_q
+
+    def state():
+        return (id(layer.lora_A[SLOT].weight), id(layer.lora_B[SLOT].weight), layer.lora_B[SLOT].weight.data_ptr(),
+                list(layer.active_adapters), dict(layer.scaling), layer.disable_adapters)
+
+    before = state()
+    for name, scale in (("first", 1.0), ("second", 0.3), (None, 1.0), ("first", 2.0)):
+        served.use(name, scale)
+        assert state() == before
+    assert [m for m in model.modules() if hasattr(m, "lora_A")][0].scaling == {SLOT: 1.0}
 
 
 def test_rearranged_dit_with_an_adapter_matches_diffusers_stock_dit_with_it(base, inputs, tmp_path):
     path = saved(random_adapter(base, 4), tmp_path / "style.safetensors")
-    stock, rearranged = with_adapter(base, path, rearranged=False), with_adapter(base, path, rearranged=True)
-    for model in (stock, rearranged):
-        use_adapter(model, "style", 0.7)
+    (stock, stock_served), (rearranged, served) = with_adapters(base, False, style=path), with_adapters(base, True, style=path)
+    stock_served.use("style", 0.7)
+    served.use("style", 0.7)
     expected, got = run(stock, inputs), run(rearranged, inputs)
     assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
     # Without the row permutation the adapter's query/key delta lands on the wrong rows.
-    unpermuted = with_adapter(base, path, rearranged=True)
-    for stock_block, block in zip(stock.blocks, unpermuted.blocks):
+    for block, stock_block in zip(rearranged.blocks, stock.blocks):
         for name in ("to_q", "to_k"):
-            up = getattr(block.attn1, name).lora_B["style"]
-            up.weight.data = getattr(stock_block.attn1, name).lora_B["style"].weight.data.clone()
-    use_adapter(unpermuted, "style", 0.7)
-    assert (run(unpermuted, inputs) - expected).abs().max() > 1e-3 * expected.abs().max()
+            getattr(block.attn1, name).lora_B[SLOT].weight.data.copy_(getattr(stock_block.attn1, name).lora_B[SLOT].weight.data)
+    assert (run(rearranged, inputs) - expected).abs().max() > 1e-3 * expected.abs().max()
 
 
 def test_adapter_equals_its_weights_merged_by_hand(base, inputs, tmp_path):
@@ -131,10 +148,26 @@ def test_adapter_equals_its_weights_merged_by_hand(base, inputs, tmp_path):
                 down = state_dict[key.replace("lora_B", "lora_A")]
                 merged.get_submodule(key.removeprefix("transformer.").removesuffix(".lora_B.weight")).weight += scale * up @ down
     rearrange_blocks(merged)
-    model = with_adapter(base, saved(state_dict, tmp_path / "style.safetensors"), rearranged=True)
-    use_adapter(model, "style", scale)
+    model, served = with_adapters(base, rearranged=True, style=saved(state_dict, tmp_path / "style.safetensors"))
+    served.use("style", scale)
     expected, got = run(merged, inputs), run(model, inputs)
     assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
+def test_alpha_from_the_peft_config_scales_the_adapter(base, inputs, tmp_path):
+    """PEFT's save_pretrained keeps lora_alpha in adapter_config.json: alpha = 2 r doubles the delta."""
+    state_dict = random_adapter(base, 12)
+    folder = tmp_path / "peft_style"
+    folder.mkdir()
+    saved(state_dict, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": 2 * RANK}))
+    doubled = saved({k: v * 2 if "lora_B" in k else v for k, v in state_dict.items()}, tmp_path / "doubled.safetensors")
+    model, served = with_adapters(base, rearranged=True, alpha=folder, doubled=doubled)
+    outputs = []
+    for name in ("alpha", "doubled"):
+        served.use(name, 1.0)
+        outputs.append(run(model, inputs))
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-5 * outputs[1].abs().max()
 
 
 @pytest.mark.parametrize("comfy", [False, True], ids=["wan_lora_A_B", "comfy_down_up_alpha"])
@@ -146,28 +179,31 @@ def test_wan_format_file_loads_to_the_same_output_as_the_peft_format_one(base, i
     folder = tmp_path / "peft_style"
     folder.mkdir()
     saved(state_dict, folder / "pytorch_lora_weights.safetensors")
-    assert set(load_lora_state_dict(wan_path)) == set(load_lora_state_dict(folder))
+    assert set(load_lora_state_dict(wan_path)[0]) == set(load_lora_state_dict(folder)[0])
+    model, served = with_adapters(base, rearranged=True, peft=folder, wan=wan_path)
     outputs = []
-    for path in (folder, wan_path):
-        model = with_adapter(base, path, rearranged=True)
-        use_adapter(model, "style", 1.0)
+    for name in ("peft", "wan"):
+        served.use(name, 1.0)
         outputs.append(run(model, inputs))
     assert torch.equal(outputs[0], outputs[1])
-    assert not torch.equal(outputs[0], run(with_adapter(base, wan_path, rearranged=True), inputs))  # really applied
+    served.use(None)
+    assert not torch.equal(outputs[0], run(model, inputs))  # really applied
 
 
-def test_several_adapters_stay_loaded_and_each_is_chosen_by_name(base, inputs, tmp_path):
-    """The second adapter also comes as PEFT writes it (no `transformer.` prefix): the same weights load."""
-    first, second = random_adapter(base, 7), random_adapter(base, 8)
-    bare_second = {k.removeprefix("transformer."): v for k, v in second.items()}
-    both = with_adapter(base, saved(first, tmp_path / "first.safetensors"), rearranged=True)
-    load_adapter(both, "second", saved(bare_second, tmp_path / "bare.safetensors"))
-    only_second = with_adapter(base, saved(second, tmp_path / "second.safetensors"), rearranged=True)
-    use_adapter(only_second, "style", 0.5)
-    use_adapter(both, "second", 0.5)
-    assert torch.equal(run(both, inputs), run(only_second, inputs))
-    use_adapter(both, "style", 0.5)
-    assert not torch.equal(run(both, inputs), run(only_second, inputs))
+def test_adapters_of_different_ranks_and_layers_share_the_slot(base, inputs, tmp_path):
+    """The slot has the largest rank and every layer any adapter touches; each adapter alone gives what it gives on its own.
+    The second adapter also comes as PEFT writes it (no `transformer.` prefix)."""
+    first = random_adapter(base, 7)
+    second = {k.removeprefix("transformer."): v[: RANK // 2] if "lora_A" in k else v[:, : RANK // 2]
+              for k, v in random_adapter(base, 8).items() if "ffn" not in k}
+    paths = {"first": saved(first, tmp_path / "first.safetensors"), "second": saved(second, tmp_path / "second.safetensors")}
+    both, served = with_adapters(base, rearranged=True, **paths)
+    assert served.rank == RANK
+    for name, path in paths.items():
+        alone, alone_served = with_adapters(base, rearranged=True, **{name: path})
+        alone_served.use(name, 0.5)
+        served.use(name, 0.5)
+        assert (run(both, inputs) - run(alone, inputs)).abs().max() < 1e-6 * run(alone, inputs).abs().max(), name
 
 
 def test_keys_that_do_not_match_the_model_are_an_error_naming_the_file_and_key(base, tmp_path):
@@ -175,13 +211,13 @@ def test_keys_that_do_not_match_the_model_are_an_error_naming_the_file_and_key(b
     state_dict["transformer.blocks.0.attn1.to_qq.lora_A.weight"] = torch.zeros(RANK, 32)
     path = saved(state_dict, tmp_path / "wrong.safetensors")
     with pytest.raises(LoraMismatchError, match=r"wrong\.safetensors.*blocks\.0\.attn1\.to_qq\.lora_A\.weight"):
-        with_adapter(base, path, rearranged=True)
+        with_adapters(base, rearranged=True, style=path)
     # A right name with the wrong width (an adapter for another model size) is refused the same way.
     state_dict = random_adapter(base, 9)
     state_dict["transformer.blocks.1.ffn.net.2.lora_B.weight"] = torch.zeros(99, RANK)
     path = saved(state_dict, tmp_path / "other_size.safetensors")
     with pytest.raises(LoraMismatchError, match=r"other_size\.safetensors.*blocks\.1\.ffn\.net\.2\.lora_B\.weight \(99, 4\)"):
-        with_adapter(base, path, rearranged=True)
+        with_adapters(base, rearranged=True, style=path)
     wan = as_wan_format(random_adapter(base, 9))
     wan["diffusion_model.blocks.0.self_attn.unknown.lora_A.weight"] = torch.zeros(RANK, 32)
     path = saved(wan, tmp_path / "wan_wrong.safetensors")
