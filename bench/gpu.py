@@ -392,7 +392,6 @@ class Bench:
     def fast_unshared(self) -> dict:
         return self.variant_run("fast_unshared")
 
-
     def vae(self) -> dict:
         if self.reference_latents is None:
             raise RuntimeError("needs the resident section first (its latents)")
