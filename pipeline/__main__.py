@@ -26,6 +26,11 @@ from pipeline.params import GenerationParams, describe_errors, flag_help
 OFFICIAL_FLAG_NAMES = {"seed": "base_seed"}
 # GenerationParams leaves these to "the serving side"; here that is this process, with generate.py's defaults.
 PLACEMENT_DEFAULTS = {"offload_model": True, "t5_cpu": False}
+# The service takes a served adapter's name; this process has no registry, so --lora is a path, loaded
+# under one fixed name that the generation then selects.
+LORA_PATH_HELP = ("a LoRA adapter file or folder to apply (diffusers/PEFT, original Wan or ComfyUI format; "
+                  "a folder holds one .safetensors); default: none")
+CLI_ADAPTER = "cli"
 DEMO_BANNER = "DEMO MODEL: random weights, not Wan2.1. The video will be noise; use --ckpt_dir for real output."
 
 
@@ -44,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in GenerationParams.model_fields.items():
         if name in PLACEMENT_DEFAULTS:
             add_bool_flag(run, name, default=PLACEMENT_DEFAULTS[name], help=_with_default(name, PLACEMENT_DEFAULTS[name]))
+        elif name == "lora":
+            gen.add_argument("--lora", metavar="PATH", help=LORA_PATH_HELP)
         else:
             default = None if field.is_required() else field.default
             gen.add_argument(f"--{OFFICIAL_FLAG_NAMES.get(name, name)}", dest=name, help=_with_default(name, default))
@@ -64,8 +71,11 @@ def _with_default(name: str, default: object) -> str:
 
 
 def params_from_args(args: argparse.Namespace) -> GenerationParams:
-    """The flags that were given, validated; absent ones take `GenerationParams`' defaults."""
+    """The flags that were given, validated; absent ones take `GenerationParams`' defaults. A --lora path
+    becomes the name it is loaded under."""
     given = {name: value for name, value in vars(args).items() if value is not None}
+    if given.get("lora"):
+        given["lora"] = CLI_ADAPTER
     return GenerationParams(**{name: given[name] for name in GenerationParams.model_fields if name in given})
 
 
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.generator import VideoModel
+    from pipeline.lora import LoraMismatchError, lora_file
     from pipeline.loading import (
         ModelNotFound,
         default_text_dtype,
@@ -131,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             source = local_source(Path(args.ckpt_dir), "--ckpt_dir")
         else:
             source = resolve_model_source(args.model, allow_demo=args.model == "demo")
-    except ModelNotFound as error:
+        if args.lora:
+            lora_file(args.lora)  # a wrong path fails now, not after the models have loaded
+    except (ModelNotFound, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if source.is_demo:
@@ -146,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     del tokenizer, encoder, prompts  # freed before the DiT loads: peak memory holds one stage, not both
 
     policy = MemoryPolicy.from_offload_flag(params.offload_model)
-    model = VideoModel.load(source, device, policy, parse_dtype(args.vae_dtype), attention=args.attention)
+    try:
+        model = VideoModel.load(source, device, policy, parse_dtype(args.vae_dtype), attention=args.attention,
+                                loras={CLI_ADAPTER: args.lora} if args.lora else None)
+    except LoraMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     with PhaseProgress() as progress:
         result = model.generate(params, context, negative_context, on_progress=progress,
                                 video_path=args.save_file or default_save_file(params))

@@ -57,7 +57,7 @@ ALLOWED: dict[str, str] = {
     "sample_guide_scale": "a number from 0 to 20 (recommended 4–10)",
     "sample_shift": "a number above 0 and at most 20 (recommended 4–12)",
     "seed": f"-1 (draw one) or an integer from 0 to {MAX_SEED}",
-    "lora": "the name of a LoRA adapter this server serves (GET /v1/models), or empty for none",
+    "lora": "the name (at most 64 characters) of a LoRA adapter this server serves (GET /v1/models), or empty for none",
     "lora_scale": "a number from 0 to 2 (1 = the adapter as trained, 0 = the base model)",
     "offload_model": "true or false",
     "t5_cpu": "true or false",

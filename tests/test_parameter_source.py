@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from deployments.cli import build_parser as build_client_parser
 from deployments.protocol import VideoCreateRequest
-from pipeline.__main__ import PLACEMENT_DEFAULTS, params_from_args
+from pipeline.__main__ import CLI_ADAPTER, LORA_PATH_HELP, PLACEMENT_DEFAULTS, params_from_args
 from pipeline.__main__ import build_parser as build_pipeline_parser
 from pipeline.params import ALLOWED, DEFAULT_NEGATIVE_PROMPT, HELP, GenerationParams, parameter_table
 
@@ -107,7 +107,8 @@ def test_request_model_has_every_parameter_and_leaves_unsent_ones_to_the_server(
 def test_pipeline_cli_has_a_flag_per_parameter_with_its_allowed_text_and_default():
     parser = build_pipeline_parser()
     flags = {action.dest: action for action in parser._actions}
-    for name in FIELDS:
+    assert flags["lora"].help == LORA_PATH_HELP  # a file on this machine, not a name the server serves
+    for name in FIELDS.keys() - {"lora"}:
         assert ALLOWED[name] in flags[name].help, name
         shown = re.search(r"\(default: (.*)\)$", flags[name].help)
         if name in PLACEMENT_DEFAULTS:  # the model leaves these to the runner, and this command is the runner
@@ -116,6 +117,7 @@ def test_pipeline_cli_has_a_flag_per_parameter_with_its_allowed_text_and_default
             assert flags[name].default is None and shown and shown.group(1) == str(model_default(name)), name
     left_out = params_from_args(parser.parse_args(["--prompt", "p"]))
     assert left_out.model_dump(exclude=set(PLACEMENT_DEFAULTS)) == GenerationParams(prompt="p").model_dump(exclude=set(PLACEMENT_DEFAULTS))
+    assert params_from_args(parser.parse_args(["--prompt", "p", "--lora", "styles/ink.safetensors"])).lora == CLI_ADAPTER
 
 
 def test_client_generate_has_a_flag_per_parameter_that_sends_nothing_unless_given():

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
-from pipeline.__main__ import build_parser, default_save_file, params_from_args
+from pipeline.__main__ import CLI_ADAPTER, build_parser, default_save_file, params_from_args
+from pipeline.demo import build_transformer
 from pipeline.params import GenerationParams, describe_errors
 from pipeline.video import read_mp4
+from test_lora import random_adapter, saved
 
 PROMPT = "a red fox in snow"
 
@@ -110,8 +113,8 @@ def test_booleans_take_the_bare_flag_or_a_value(argv, offload_model, t5_cpu):
 
 
 def test_flags_map_onto_generation_params():
-    flags = "--negative_prompt blurry --size 480x832 --frame_num 17 --sample_steps 4 --sample_shift 5"
-    params = parse(*flags.split(), "--sample_guide_scale", "4.5", "--base_seed", "7")
+    flags = "--negative_prompt blurry --size 480x832 --frame_num 17 --sample_steps 4 --sample_shift 5 --lora ink.safetensors"
+    params = parse(*flags.split(), "--sample_guide_scale", "4.5", "--base_seed", "7", "--lora_scale", "0.5")
     expected = GenerationParams(
         prompt=PROMPT,
         negative_prompt="blurry",
@@ -121,6 +124,8 @@ def test_flags_map_onto_generation_params():
         sample_shift=5.0,
         sample_guide_scale=4.5,
         seed=7,
+        lora=CLI_ADAPTER,  # the path is loaded under this name
+        lora_scale=0.5,
         offload_model=True,
         t5_cpu=False,
     )
@@ -149,3 +154,33 @@ def test_default_save_file_is_derived_from_size_prompt_and_time():
     name = default_save_file(params, datetime(2025, 2, 25, 9, 30, 5))
     # spaces and slashes become "_" and the prompt part stops at 50 characters, as in generate.py
     assert name == Path("t2v-1.3B_832x480_a_fox___a_hare_in_the_snow_at_dawn,_seen_from_far__20250225_093005.mp4")
+
+
+SMALL = ["--frame_num", "5", "--sample_steps", "2", "--base_seed", "7"]
+
+
+def test_lora_file_changes_the_video_and_scale_zero_gives_the_base_video(cli_env, tmp_path):
+    adapter = saved(random_adapter(build_transformer(), 21), tmp_path / "style.safetensors")
+    run_demo(cli_env, tmp_path, *SMALL, "--save_file", "base.mp4")
+    run_demo(cli_env, tmp_path, *SMALL, "--lora", str(adapter), "--save_file", "styled.mp4")
+    run_demo(cli_env, tmp_path, *SMALL, "--lora", str(adapter), "--lora_scale", "0", "--save_file", "unscaled.mp4")
+    base, styled, unscaled = (read_mp4(tmp_path / name)[0].astype(np.int16) for name in ("base.mp4", "styled.mp4", "unscaled.mp4"))
+    assert np.abs(styled - base).mean() > 2  # the adapter moved the pixels
+    np.testing.assert_array_equal(unscaled, base)  # scale 0 adds exact zeros: the base video
+
+
+def test_a_missing_or_unfitting_lora_exits_naming_the_file(cli_env, tmp_path):
+    missing = tmp_path / "missing.safetensors"
+    done = run_cli(cli_env, tmp_path, "--model", "demo", "--prompt", PROMPT, *SMALL, "--lora", str(missing))
+    assert done.returncode == 1
+    assert f"error: LoRA adapter {missing}: no such file or folder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    # Rank-4 weights for a Linear of another width: readable, but it fits no layer of the model.
+    alien = saved({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 7),
+                   "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(7, 4)}, tmp_path / "alien.safetensors")
+    done = run_cli(cli_env, tmp_path, "--model", "demo", "--prompt", PROMPT, *SMALL, "--lora", str(alien))
+    assert done.returncode == 1
+    assert f"({alien}) does not match the model" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("*.mp4"))

@@ -16,13 +16,17 @@ const FIELDS = [
   { name: "sample_shift", group: "basic", kind: "number", step: 0.5, slider: true },
   { name: "seed", group: "basic", kind: "integer" },
   { name: "negative_prompt", group: "basic", kind: "textarea" },
+  { name: "lora", group: "lora", kind: "select" },
+  { name: "lora_scale", group: "lora", kind: "number", step: 0.1, slider: true },
   { name: "offload_model", group: "advanced", kind: "checkbox" },
   { name: "t5_cpu", group: "advanced", kind: "checkbox" },
 ];
-const CONTROLS = [{ name: "prompt", kind: "textarea" }, ...FIELDS]; // the prompt box is in index.html
+const PROMPT = { name: "prompt", kind: "textarea" }; // its box is in index.html
 
 const LIMITS = { frame_num: "max_frame_num", sample_steps: "max_sample_steps" };
 const INTEGER = /^-?\d+$/;
+
+let controls = []; // the prompt and every field this server offers: buildForm sets them
 
 const control = (name) => $(`#${name}`);
 
@@ -30,16 +34,23 @@ export function buildForm(config) {
   for (const { name, help } of config.parameters) {
     for (const [lang, text] of Object.entries(help)) addTexts(lang, { [`help.${name}`]: text });
   }
-  for (const field of FIELDS) $(`#${field.group}-fields`).append(fieldBlock(field, config));
-  for (const field of CONTROLS) control(field.name).addEventListener("input", () => hideError(field.name));
+  // Without served adapters the LoRA group stays hidden and its fields are never built, nor sent.
+  const servesAdapters = Boolean(config.loras?.length); // an older server sends no `loras`
+  $("#lora-fields").hidden = !servesAdapters;
+  const fields = FIELDS.filter((field) => field.group !== "lora" || servesAdapters);
+  for (const field of fields) $(`#${field.group}-fields`).append(fieldBlock(field, config));
+  controls = [PROMPT, ...fields];
+  for (const field of controls) control(field.name).addEventListener("input", () => hideError(field.name));
   fillForm({ ...serverDefaults(config), ...config.pins });
-  for (const [name, note] of Object.entries(lockedFields(config))) lock(name, note);
+  for (const [name, note] of Object.entries(lockedFields(config))) {
+    if (control(name)) lock(name, note); // a pinned lora_scale without adapters has no control to lock
+  }
 }
 
 /** The request body: every enabled control's value (a blank number box is left to the server). */
 export function formRequest() {
   const request = {};
-  for (const field of CONTROLS) {
+  for (const field of controls) {
     const value = read(field);
     if (value !== undefined && !control(field.name).disabled) request[field.name] = value;
   }
@@ -48,7 +59,7 @@ export function formRequest() {
 
 /** Puts a job's parameters back into the form; locked controls keep the server's value. */
 export function fillForm(parameters) {
-  for (const field of CONTROLS) {
+  for (const field of controls) {
     if (field.name in parameters && !control(field.name).disabled) write(field, parameters[field.name]);
   }
 }
@@ -118,7 +129,7 @@ function createControl(field, config) {
   const parameter = config.parameters.find(({ name }) => name === field.name);
   switch (field.kind) {
     case "select":
-      return el("select", props, ...parameter.choices.map((choice) => el("option", { value: choice }, choice)));
+      return el("select", props, ...parameter.choices.map(option));
     case "textarea":
       return el("textarea", { ...props, rows: 3, placeholder: parameter.empty_means });
     case "checkbox":
@@ -130,6 +141,11 @@ function createControl(field, config) {
       return el("input", { ...props, type: "number", min: lowest(parameter, field.step), max, step: field.step });
     }
   }
+}
+
+/** A choice as an <option>; the empty one (no LoRA adapter) is labelled in the page's language. */
+function option(choice) {
+  return choice === "" ? el("option", { value: "", dataset: { i18n: "choice.none" } }) : el("option", { value: choice }, choice);
 }
 
 /** The smallest value a control offers: the inclusive bound, or one step above an exclusive one. */
