@@ -88,11 +88,6 @@ def swap_class(module: torch.nn.Module, replacement: type) -> None:
     module.__class__ = replacement
 
 
-def restore_class(module: torch.nn.Module) -> None:
-    """Undo `swap_class`: `module` is again the diffusers class its replacement extends."""
-    module.__class__ = type(module).__base__
-
-
 def reset_step_cache(model: torch.nn.Module) -> None:
     """Empty the state of every step-cache hook on `model` and its submodules (`CacheMixin._reset_stateful_cache`)."""
     HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)

@@ -70,7 +70,7 @@ class VideoModel:
         self.attention = resolve_kernel(attention, device)
         set_attention_kernel(transformer, self.attention)
         rearrange_blocks(transformer)  # before placement: the stream policy's offload hooks keep copies of the weights
-        self.adapters = ServedAdapters(transformer, adapters, adapter_sources) if adapters else None
+        self.adapters = ServedAdapters(transformer, adapters, adapter_sources, device) if adapters else None
         speed_up_decode(vae, channels_last=device.type == "cuda")
         self.models = PlacedModels(transformer, vae, device, policy)
         self.device = device
@@ -184,7 +184,6 @@ class VideoModel:
                    for name, model in (("transformer", self.models.transformer), ("vae", self.models.vae))}
         settings = {"inductor": INDUCTOR_OPTIONS, "attention": self.attention, "vae_dtype": str(self.models.vae.dtype),
                     "policy": self.policy.value, "cfg_parallel": self.uncond_transformer is not None,
-                    "lora_slot": None if self.adapters is None else {k: v for k, v in self.adapters.describe().items() if k != "names"},
                     "warm": None if warm_params is None else [warm_params.size, warm_params.frame_num]}
         return cache_key(self.device, configs, settings)
 

@@ -4,26 +4,27 @@ Files are read with diffusers' own machinery: `WanLoraLoaderMixin.lora_state_dic
 diffusers/PEFT files and converts the original Wan / ComfyUI key formats. Serving them is ours
 (`ServedAdapters`), built for compiled blocks:
 
-- The transformer gets one PEFT LoRA adapter, the *slot*, of the largest rank served, on every Linear
-  any served adapter touches. Its active-adapter list and scaling never change again, so compiled
-  graphs never see a guard change.
-- Each served adapter is kept on the slot's device at the slot's rank (zero-padded), its scaling
-  (alpha / rank) folded into its up-projection. Choosing one for a job copies it into the slot in
-  place and multiplies by the job's `lora_scale`; no adapter (or scale 0) zeroes the up-projections,
-  which adds exact zeros: the base model's output, bit for bit. This is diffusers' LoRA hot-swap
-  (in-place copies into rank-padded slots) without re-reading the file each time.
+- Adapters are *merged* into the weights of the Linears they touch: W = W_base + scale * B @ A, so
+  a step costs what the base model's does (the `lora` section of
+  bench/results/nvidia-h100-80gb-hbm3-2026-12-05-few-step-lora.json). Unfused LoRA layers (PEFT
+  modules hot-swapped in place, diffusers' hot-swap) were measured first and were slower, as every
+  Linear then runs two more GEMMs and the FFN's GELU leaves cuBLASLt's epilogue: 1.10x the base
+  step time on an H200 on 2026-12-02, a run whose result file was not kept. A merged switch costs a
+  copy and one small GEMM per Linear.
+- The base weights of every Linear any served adapter touches are kept once, in (pinned) host memory.
+  A switch restores the Linears the last adapter changed and merges the next one; no adapter (or
+  scale 0) restores the base weights: the base model's output, bit for bit. Parameters are changed in
+  place, never replaced, so compiled graphs see the same tensors and never recompile.
+- Each served adapter is kept on the model's device, its scaling (alpha / rank) folded into its
+  up-projection, so a switch reads no file.
 
-Two things follow from pipeline/dit.py:
+`deinterleave_rope` (pipeline/dit.py) stores each self-attention head's query/key rows as (evens,
+odds). An adapter's delta B @ A must land on the same rows, so the up-projections (lora_B) of every
+self-attention to_q/to_k are permuted with the same order (`rope_halves_order`); lora_A reads the
+block's input, which is not permuted, and cross-attention has no RoPE.
 
-- `deinterleave_rope` stores each self-attention head's query/key rows as (evens, odds). An
-  adapter's delta B @ A must land on the same rows, so the up-projections (lora_B) of every
-  self-attention to_q/to_k are permuted with the same order (`rope_halves_order`); lora_A reads the
-  block's input, which is not permuted, and cross-attention has no RoPE.
-- `GeluInEpilogue` computes the FFN's up-projection from the Linear's weight directly, which would
-  skip an adapter on it: such a module goes back to diffusers' GELU (its unfused forward).
-
-Keys are checked against the model before anything is injected: PEFT only warns about keys it
-cannot place, and an adapter that silently does nothing must fail at start-up instead.
+Keys are checked against the model before anything is merged: an adapter that silently does nothing
+must fail at start-up instead.
 """
 
 from __future__ import annotations
@@ -33,14 +34,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.diffusers_compat import restore_class
-from pipeline.dit import GeluInEpilogue, HalvesRopeProcessor, rope_halves_order
+from pipeline.dit import HalvesRopeProcessor, rope_halves_order
 
 LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")  # diffusers', PEFT's
 PEFT_CONFIG = "adapter_config.json"  # PEFT's save_pretrained writes lora_alpha and r here
 KEY_PREFIXES = ("transformer.", "base_model.model.")  # diffusers' pipeline-level keys, PEFT's saved models
 SHOWN_KEYS = 5  # mismatched keys named in an error; the count says how many more
-SLOT = "served"  # the one PEFT adapter name the transformer carries
 
 
 class LoraMismatchError(ValueError):
@@ -103,21 +102,15 @@ def mismatched_keys(transformer: torch.nn.Module, state_dict: dict[str, torch.Te
     mismatched = []
     for key, tensor in state_dict.items():
         module_name, _, tail = key.rpartition(".lora_")
-        linear = _base_linear(modules.get(module_name))
+        linear = modules.get(module_name)
         expected = None
-        if linear is not None:
+        if isinstance(linear, torch.nn.Linear):
             expected = {"A.weight": (None, linear.in_features), "B.weight": (linear.out_features, None)}.get(tail)
         fits = expected is not None and tensor.ndim == len(expected) and all(
             want is None or want == got for want, got in zip(expected, tensor.shape))
         if not fits:
             mismatched.append(f"{key} {tuple(tensor.shape)}")
     return mismatched
-
-
-def _base_linear(module: torch.nn.Module | None) -> torch.nn.Linear | None:
-    """The Linear that `module` is, or that a PEFT layer (the slot) wraps."""
-    module = getattr(module, "base_layer", module)
-    return module if isinstance(module, torch.nn.Linear) else None
 
 
 def adapter_pairs(name: str, state_dict: dict[str, torch.Tensor], source: str | Path | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -140,16 +133,15 @@ def adapter_pairs(name: str, state_dict: dict[str, torch.Tensor], source: str | 
 
 
 class ServedAdapters:
-    """The adapters a replica serves, loaded once; `use` picks one (or none) for the next forward passes.
+    """The adapters a replica serves, loaded once; `use` merges one (or none) into the weights for the next jobs.
 
     `adapters`: name -> (state dict keyed by module names, its scaling), as `load_lora_state_dict`
-    gives; `sources` names each one's file in errors. The transformer may be stock or rearranged.
+    gives; `sources` names each one's file in errors; `device` is where the model computes (the
+    adapters are kept there). The transformer may be stock or rearranged, on any device.
     """
 
     def __init__(self, transformer: torch.nn.Module, adapters: dict[str, tuple[dict[str, torch.Tensor], float]],
-                 sources: dict[str, str | Path] | None = None):
-        from peft import LoraConfig
-
+                 sources: dict[str, str | Path] | None = None, device: torch.device | None = None):
         sources = sources or {}
         pairs = {}
         for name, (state_dict, _scaling) in adapters.items():
@@ -164,27 +156,23 @@ class ServedAdapters:
             pairs[name] = adapter_pairs(name, state_dict, sources.get(name))
         self.transformer = transformer
         self.names = tuple(adapters)
-        self.rank = max(down.shape[0] for adapter in pairs.values() for down, _ in adapter.values())
+        device = device or next(transformer.parameters()).device
         targets = sorted({module for adapter in pairs.values() for module in adapter})
-        # lora_alpha = r: the slot's own scaling is 1; each adapter's is folded into its up-projection.
-        transformer.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.rank, target_modules=targets, lora_dropout=0.0), SLOT)
-        _unfuse_adapted_gelu(transformer)
-        self.slots = {module: transformer.get_submodule(module) for module in targets}
-        self.copies: list[dict[str, torch.nn.Module]] = []  # the same slots in copies of the transformer
-        self.bank = {name: self._to_slot_layout(adapter, adapters[name][1]) for name, adapter in pairs.items()}
-        self.active: tuple[str | None, float] | None = None
-        self.use(None)
+        self.linears = [{module: transformer.get_submodule(module) for module in targets}]  # and CFG-parallel copies'
+        pin = device.type == "cuda"  # pinned: a restore is an asynchronous copy; a CPU stage never touches CUDA
+        self.base_weights = {module: _host_copy(linear.weight, pin) for module, linear in self.linears[0].items()}
+        self.bank = {name: self._laid_out(adapter, adapters[name][1], device) for name, adapter in pairs.items()}
+        self.merged: set[str] = set()  # the Linears whose weights now differ from the base
+        self.active: tuple[str | None, float] = (None, 0.0)
 
-    def _to_slot_layout(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Zero-padded to the slot's rank, on its device and dtype, scaling folded in, query/key rows permuted."""
+    def _laid_out(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
+                  device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """On `device` in the weights' dtype, scaling folded into lora_B, query/key rows permuted as the model's."""
         laid_out = {}
         for module, (down, up) in pairs.items():
-            slot = self.slots[module]
-            slot_down, slot_up = slot.lora_A[SLOT].weight, slot.lora_B[SLOT].weight
-            padded_down, padded_up = torch.zeros_like(slot_down), torch.zeros_like(slot_up)
-            padded_down[: down.shape[0]] = down.to(padded_down)
-            padded_up[:, : up.shape[1]] = up.to(padded_up) * scaling
-            laid_out[module] = (padded_down, padded_up[self._row_order(module).to(padded_up.device)])
+            dtype = self.base_weights[module].dtype
+            up = up.to(device, torch.float32) * scaling
+            laid_out[module] = (down.to(device, dtype), up[self._row_order(module).to(device)].to(dtype))
         return laid_out
 
     def _row_order(self, module: str) -> torch.Tensor:
@@ -193,40 +181,39 @@ class ServedAdapters:
         attention = self.transformer.get_submodule(block) if block else None
         if projection in ("to_q", "to_k") and isinstance(getattr(attention, "processor", None), HalvesRopeProcessor):
             return rope_halves_order(attention)
-        return torch.arange(self.slots[module].out_features)
+        return torch.arange(self.base_weights[module].shape[0])
 
     @torch.no_grad()
     def use(self, name: str | None, scale: float = 1.0) -> None:
-        """Copy adapter `name` at `scale` into the slot (None or scale 0: no adapter); a no-op if it is already there."""
+        """Merge adapter `name` at `scale` into the weights (None or scale 0: the base weights); a no-op if it is already there."""
         if name is not None and name not in self.bank:
             raise KeyError(f"no LoRA adapter named {name!r} is served (served: {', '.join(self.names) or 'none'})")
         wanted = (None, 0.0) if name is None or scale == 0 else (name, float(scale))
         if wanted == self.active:
             return
         adapter = self.bank.get(wanted[0], {})
-        for slots in (self.slots, *self.copies):
-            for module, slot in slots.items():
-                slot_down, slot_up = slot.lora_A[SLOT].weight, slot.lora_B[SLOT].weight
+        for linears in self.linears:
+            for module in self.merged | adapter.keys():
+                weight = linears[module].weight
+                weight.copy_(self.base_weights[module], non_blocking=True)
                 if module in adapter:
-                    down, up = adapter[module]
-                    slot_down.copy_(down)
-                    slot_up.copy_(up * wanted[1])
-                else:
-                    slot_up.zero_()
+                    _add_delta(weight, *adapter[module], wanted[1])
+        self.merged = set(adapter)
         self.active = wanted
 
     def attach_copy(self, copy: torch.nn.Module) -> None:
-        """Switch the slots of `copy`, a deep copy of the transformer (CFG-parallel's second GPU), along with its own."""
-        self.copies.append({module: copy.get_submodule(module) for module in self.slots})
-
-    def describe(self) -> dict:
-        """For the cache key and /readyz: what the compiled graphs depend on, and what is served."""
-        return {"names": list(self.names), "rank": self.rank, "modules": len(self.slots)}
+        """Merge into `copy` too: a deep copy of the transformer (CFG-parallel's second GPU), made with the same adapter merged."""
+        self.linears.append({module: copy.get_submodule(module) for module in self.linears[0]})
 
 
+def _host_copy(weight: torch.Tensor, pin: bool) -> torch.Tensor:
+    copy = weight.detach().to("cpu", copy=True)
+    return copy.pin_memory() if pin else copy
 
-def _unfuse_adapted_gelu(transformer: torch.nn.Module) -> None:
-    """`GeluInEpilogue` reads `proj.weight` itself and would skip an adapter on `proj`: use diffusers' forward there."""
-    for module in transformer.modules():
-        if type(module) is GeluInEpilogue and hasattr(module.proj, "base_layer"):
-            restore_class(module)
+
+def _add_delta(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
+    """weight += scale * up @ down, computed where the adapter lives when the weight is in host memory (offload, stream)."""
+    if weight.device == up.device or weight.device.type == "cuda":
+        weight.addmm_(up.to(weight.device), down.to(weight.device), alpha=scale)
+    else:
+        weight.add_(torch.mm(up, down).to(weight.device), alpha=scale)
