@@ -158,9 +158,11 @@ class AppArgs(Strict):
     max_attempts: int = Field(default=3, ge=1)
 
     @model_validator(mode="after")
-    def _one_encoder_at_least(self) -> AppArgs:
+    def _encoders(self) -> AppArgs:
         if self.cpu_text_encoder is None and self.gpu_text_encoder is None:
             raise ValueError("deploy at least one of cpu_text_encoder and gpu_text_encoder")
+        if self.cpu_text_encoder is not None and "num_gpus" in self.cpu_text_encoder.model_fields_set:
+            raise ValueError("cpu_text_encoder.num_gpus: the CPU encoder reserves no GPU; set it on gpu_text_encoder")
         return self
 
     @field_validator("loras")
@@ -226,9 +228,10 @@ def build(args: AppArgs) -> serve.Application:
     # Encoded at each encoder replica's start: the negative prompt of every job that sends none.
     default_negative = resolve({"prompt": "-"}, args.pins, args.defaults)[0].effective_negative_prompt
     encoders = {}
-    for placement, options, gpus in (("cpu", args.cpu_text_encoder, 0.0), ("gpu", args.gpu_text_encoder, 1.0)):
+    for placement, options in (("cpu", args.cpu_text_encoder), ("gpu", args.gpu_text_encoder)):
         if options is None:
             continue
+        gpus = options.num_gpus if placement == "gpu" else 0.0
         encoders[placement] = TextEncoder.options(
             name=f"TextEncoder{placement.upper()}",
             num_replicas=options.num_replicas,

@@ -27,6 +27,10 @@ class TextEncoderOptions(BaseModel):
     # Ray gives a replica as many torch threads as whole CPUs it reserved (one for num_cpus 1); umT5-XXL
     # on the CPU wants more (threads against seconds: bench/results/encoder-threads-h200-2026-12-02.json).
     torch_threads: int | None = Field(default=None, ge=1)
+    # gpu_text_encoder only: the share of a GPU each replica reserves. 1 keeps a GPU to the encoder; a
+    # fraction shares one with the generator (whose gpus_per_replica then leaves room: 0.75 + 0.25),
+    # umT5-XXL taking about 11 GB of it in bf16.
+    num_gpus: float = Field(default=1.0, gt=0, le=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     cache_size: int = Field(default=256, ge=0)
     max_batch_size: int = Field(default=8, ge=1)

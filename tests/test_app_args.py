@@ -65,6 +65,13 @@ def test_no_text_encoder_at_all_is_rejected():
         AppArgs(cpu_text_encoder=None)
 
 
+def test_a_gpu_share_on_the_cpu_encoder_is_rejected_naming_it():
+    with pytest.raises(ValidationError, match="cpu_text_encoder.num_gpus: the CPU encoder reserves no GPU"):
+        AppArgs(cpu_text_encoder={"num_gpus": 0.5})
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        AppArgs(gpu_text_encoder={"num_gpus": 2})
+
+
 def test_pins_and_defaults_are_normalised_like_requests():
     args = AppArgs(pins={"size": "832x480"}, defaults={"sample_steps": 3})
     assert args.pins.given() == {"size": "832*480"}

@@ -234,6 +234,15 @@ def test_by_default_the_generator_gets_a_gpu_where_the_cluster_has_one(serve_ins
     }
 
 
+def test_the_gpu_encoder_can_share_the_generators_gpu(serve_instance, tmp_path):
+    """configs/fast_distilled.yaml's placement: umT5 and the generator on one GPU, a share each."""
+    from deployments.app import build
+
+    args = tiny_args(tmp_path, cpu_text_encoder=None, gpu_text_encoder={"num_cpus": 0.1, "num_gpus": 0.25},
+                     generator={"gpus_per_replica": 0.75})
+    assert bound_gpus(build(args)) == {"Gateway": 0, "TextEncoderGPU": 0.25, "VideoGenerator": 0.75}
+
+
 class TestTwoEncoders:
     """Both encoders deployed: the GPU resource goes to the GPU encoder, the generator runs on the CPU."""
 
