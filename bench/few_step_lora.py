@@ -1,17 +1,17 @@
 """GPU benchmark for few-step sampling and LoRA adapters (issue #20), side by side in one run.
 
 Full-size Wan2.1 T2V-1.3B shapes with random weights, 832x480, 81 frames, on bench/gpu.py's `fast`
-path (FlashAttention-3, compiled blocks warmed at start, bf16 VAE), with the prompt encoded on the
-CPU by the release folder's umT5-XXL while the generation starts (as the service does), so each
-generate time is prompt -> MP4 file. Sections:
+path (FlashAttention-3, compiled blocks warmed at start, bf16 VAE), with the prompt encoded by the
+release folder's umT5-XXL while the generation starts (as the service does), so each generate time
+is prompt -> MP4 file. The encoder runs on the CPU (12 threads, configs/single_gpu.yaml's) and, for
+the few-step runs, also on the GPU beside the DiT (configs/fast_distilled.yaml's placement). Sections:
 
-  few_step  the same model: 50 unipc steps with guidance 6 (the no-LoRA baseline), then 4 euler
-            steps and the 3-step DMD schedule with guidance off (one DiT pass a step)
-  lora      two random rank-`--rank` adapters on every Linear of every block, served as the service
-            serves them (pipeline.lora.ServedAdapters, unfused, hot-swapped into one slot): 50 steps
-            with an adapter against the baseline, the time of each switch and the graphs compiled
-            after the warm-up (must be 0); then the alternative, fusing: the adapter merged into the
-            baseline model's weights (its step time) and the cost of a fused switch (restore + merge)
+  few_step  one model, serving two random rank-`--rank` adapters on every Linear of every block as a
+            replica serves them (pipeline.lora.ServedAdapters), none selected: 50 unipc steps with
+            guidance 6 (the no-LoRA baseline), then 4 euler steps and the 3-step DMD schedule with
+            guidance off (one DiT pass a step), with the prompt encoded on the CPU, then on the GPU
+  lora      the same model with an adapter merged: 50 steps against the baseline, the time of each
+            switch between adapters, and the graphs compiled after the warm-up (must be 0)
 
 Usage (on the GPU machine, with a release folder for the text encoder):
     WAN_CKPT_DIR=/tmp/wan13b python bench/few_step_lora.py [--rank 64] [--out DIR] [--compile-cache DIR]
@@ -30,7 +30,7 @@ import torch
 from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import DEVICE, Bench, build_dit, build_vae, log, reset_memory, synced, table  # noqa: E402
+from gpu import Bench, build_dit, log, synced, table  # noqa: E402
 
 from pipeline.generator import VideoModel  # noqa: E402
 from pipeline.loading import load_text_encoder, local_source  # noqa: E402
@@ -43,7 +43,7 @@ FEW_STEP = {
     "euler_4_steps": {"sample_solver": "euler", "sample_steps": 4, "sample_guide_scale": 1.0},
     "dmd_3_steps": {"sample_solver": "dmd", "sample_steps": 3, "sample_guide_scale": 1.0},
 }
-FUSED_STEPS = 10  # the fused model's step time: as many steps as a per-step figure needs
+ADAPTERS = ("first", "second")
 
 
 def graphs_compiled() -> int:
@@ -68,107 +68,83 @@ class FewStepLora:
         self.bench.results["rank"] = args.rank
         self.args = args
         self.baseline: dict | None = None
-        self.model: VideoModel | None = None  # the no-LoRA fast model, from few_step to the fused part of lora
+        self.model: VideoModel | None = None  # the fast model serving the adapters, from few_step to lora
 
-    def text_encoder(self) -> None:
-        """The release folder's umT5-XXL on the CPU in bf16 at the service's 12 threads: bench.run_ours encodes with it."""
+    def text_encoder(self, device: torch.device) -> PromptEncoder | None:
+        """The release folder's umT5-XXL in bf16 on `device` (on the CPU at the service's 12 threads), its
+        40-token encode time recorded; None without a folder."""
         folder = os.environ.get("WAN_CKPT_DIR")
         if not folder:
             log("no WAN_CKPT_DIR: generate times exclude the prompt encode")
-            return
+            return None
         torch.set_num_threads(12)
-        tokenizer, encoder = load_text_encoder(local_source(Path(folder), "WAN_CKPT_DIR"), torch.device("cpu"), torch.bfloat16)
-        self.bench.cpu_prompts = PromptEncoder(tokenizer, encoder, torch.device("cpu"))
-        self.bench.results["text_encoder"] = {"threads": torch.get_num_threads(), "probe_40_tokens_s": round(self.bench.cpu_prompts.probe_seconds(40), 3)}
+        tokenizer, encoder = load_text_encoder(local_source(Path(folder), "WAN_CKPT_DIR"), device, torch.bfloat16)
+        encoder = PromptEncoder(tokenizer, encoder, device)
+        self.bench.results.setdefault("text_encoder", {"threads": torch.get_num_threads()})[f"{device.type}_probe_40_tokens_s"] = round(encoder.probe_seconds(40), 3)
+        return encoder
 
     def few_step(self) -> dict:
-        bench = self.bench
-        self.model = bench.model("fast")
+        bench, dit = self.bench, build_dit()
+        adapters = {name: (random_adapter(dit, self.args.rank, seed), 1.0) for seed, name in enumerate(ADAPTERS)}
+        self.model = bench.model("fast", dit=dit, adapters=adapters)
         out = {"compile_warmup_s": round(bench.warmup_s, 1)}
         self.baseline = bench.run_ours(self.model, bench.params)
         self.baseline.pop("_latents")
         out["unipc_50_steps_guidance_6"] = self.baseline
-        for name, update in FEW_STEP.items():
-            before = graphs_compiled()
-            run = bench.run_ours(self.model, bench.params.model_copy(update=update))
-            run.pop("_latents")
-            run["graphs_compiled"] = graphs_compiled() - before
-            out[name] = run
+        cpu_encoder = bench.prompt_encoder
+        for suffix in ("", "_gpu_prompt"):
+            if suffix:  # loaded only now, so that the other runs' peaks are the generation's own
+                bench.prompt_encoder = self.text_encoder(torch.device("cuda"))
+                if bench.prompt_encoder is None:
+                    break
+            for name, update in FEW_STEP.items():
+                before = graphs_compiled()
+                run = bench.run_ours(self.model, bench.params.model_copy(update=update))
+                run.pop("_latents")
+                run["graphs_compiled"] = graphs_compiled() - before
+                out[name + suffix] = run
+        bench.prompt_encoder = cpu_encoder
+        torch.cuda.empty_cache()
         return out
 
     def lora(self) -> dict:
-        bench, rank = self.bench, self.args.rank
-        dit = build_dit()
-        adapters = {name: (random_adapter(dit, rank, seed), 1.0) for seed, name in enumerate(("first", "second"))}
-        model = VideoModel(dit, build_vae(torch.bfloat16), DEVICE, attention="flash3", adapters=adapters)
-        out = {"rank": rank, "modules": len(model.adapters.slots),
-               "compile_warmup_s": round(model.compile(bench.params, cache_root=self.args.compile_cache), 1)}
-        after_warm_up = graphs_compiled()
-        run = bench.run_ours(model, bench.params.model_copy(update={"lora": "first"}))
-        run.pop("_latents")
-        out["unfused_50_steps"] = run
-        switches = {}
-        for name in ("second", None, "first", "second"):
-            _, seconds = synced(lambda: model.adapters.use(name, 0.8))
-            switches[str(name)] = round(seconds, 4)
-        one_step = bench.params.model_copy(update={"lora": "second", "lora_scale": 0.8, "sample_steps": 2})
-        model.generate(one_step, bench.context, bench.negative_context)
-        out["switch_s"] = switches
-        out["graphs_compiled_after_warm_up"] = graphs_compiled() - after_warm_up
-        if self.baseline:
-            out["unfused_vs_no_lora_per_step"] = round(run["per_step_s"] / self.baseline["per_step_s"], 4)
-            out["unfused_vs_no_lora_generate"] = round(run["generate_s"] / self.baseline["generate_s"], 4)
-        del model, dit
-        reset_memory()
-        if self.model is not None:
-            out["fused"] = self.fused(adapters["first"][0])
-        return out
-
-    def fused(self, adapter: dict[str, torch.Tensor]) -> dict:
-        """Fusing instead: the adapter merged into the no-LoRA model's weights (W + B @ A); a switch
-        restores each weight from a kept copy and merges the next adapter."""
-        transformer = self.model.models.transformer
-        weights = {name.removesuffix(".lora_A.weight"): None for name in adapter if name.endswith("lora_A.weight")}
-        for name in weights:
-            weights[name] = transformer.get_submodule(name).weight
-        kept = {name: weight.detach().clone() for name, weight in weights.items()}
-        pairs = {name: (adapter[f"{name}.lora_A.weight"].to(DEVICE), adapter[f"{name}.lora_B.weight"].to(DEVICE)) for name in weights}
-
-        @torch.no_grad()
-        def switch(scale: float) -> None:
-            for name, weight in weights.items():
-                down, up = pairs[name]
-                weight.copy_(kept[name]).addmm_(up, down, alpha=scale)
-
+        bench, model = self.bench, self.model
+        served = model.adapters
         before = graphs_compiled()
-        _, switch_s = synced(lambda: switch(1.0))
-        params = self.bench.params.model_copy(update={"sample_steps": FUSED_STEPS})
-        run = self.bench.run_ours(self.model, params)
+        run = bench.run_ours(model, bench.params.model_copy(update={"lora": ADAPTERS[0]}))
         run.pop("_latents")
-        out = {"switch_s": round(switch_s, 4), "per_step_s": run["per_step_s"], "graphs_compiled": graphs_compiled() - before,
-               "extra_gpu_gib_for_kept_weights": round(sum(w.numel() * w.element_size() for w in kept.values()) / 2**30, 2)}
-        if self.baseline:
-            out["fused_vs_no_lora_per_step"] = round(run["per_step_s"] / self.baseline["per_step_s"], 4)
+        out = {"rank": self.args.rank, "modules": len(served.base_weights), "merged_50_steps": run,
+               "host_gib_for_base_weights": round(sum(w.numel() * w.element_size() for w in served.base_weights.values()) / 2**30, 2)}
+        switches = {}
+        for name in (ADAPTERS[1], None, ADAPTERS[0], ADAPTERS[1]):
+            _, seconds = synced(lambda: served.use(name, 0.8))
+            switches[str(name)] = round(seconds, 4)
+        out["switch_s"] = switches
+        model.generate(bench.params.model_copy(update={"lora": ADAPTERS[0], "sample_steps": 2}), bench.context, bench.negative_context)
+        out["graphs_compiled_after_warm_up"] = graphs_compiled() - before
+        out["lora_vs_no_lora_per_step"] = round(run["per_step_s"] / self.baseline["per_step_s"], 4)
+        out["lora_vs_no_lora_generate"] = round(run["generate_s"] / self.baseline["generate_s"], 4)
         return out
 
 
 def markdown(results: dict) -> str:
     few, lora = results.get("few_step", {}), results.get("lora", {})
-    rows = [[name, few.get(name, {}).get("generate_s"), few.get(name, {}).get("per_step_s"), few.get(name, {}).get("peak_gib")]
-            for name in ("unipc_50_steps_guidance_6", *FEW_STEP)]
+    names = ["unipc_50_steps_guidance_6", *FEW_STEP, *(f"{name}_gpu_prompt" for name in FEW_STEP)]
+    rows = [[name, few.get(name, {}).get("generate_s"), few.get(name, {}).get("prompt_wait_s"), few.get(name, {}).get("per_step_s"),
+             few.get(name, {}).get("peak_gib")] for name in names if name in few]
+    merged = lora.get("merged_50_steps", {})
+    rows.append(["unipc_50_steps_guidance_6 + LoRA", merged.get("generate_s"), merged.get("prompt_wait_s"), merged.get("per_step_s"), merged.get("peak_gib")])
     lines = [f"# Few-step and LoRA — {results['device']}, {results['date']}", "",
              f"torch {results['torch']}, diffusers {results['diffusers_version']}; 832*480, 81 frames; fast path (FA3, compiled, bf16 VAE); "
-             f"generate = prompt (CPU umT5, {results.get('text_encoder', {}).get('threads', '—')} threads) -> MP4 file.", ""]
-    lines += table(["run", "generate s (prompt -> MP4)", "s/step", "peak GiB"], rows)
-    fused = lora.get("fused", {})
-    lines += table(["LoRA (rank %s, %s Linears)" % (lora.get("rank"), lora.get("modules")), "value"], [
-        ["unfused (served) / no LoRA, per step", lora.get("unfused_vs_no_lora_per_step")],
-        ["unfused / no LoRA, 50-step video", lora.get("unfused_vs_no_lora_generate")],
+             f"generate = prompt -> MP4 file, the prompt encoded by umT5-XXL on the CPU ({results.get('text_encoder', {}).get('threads', '—')} threads) "
+             "or, in the `_gpu_prompt` runs, on the GPU beside the DiT (whose peak GiB then include umT5's 10.6 GiB of weights).", ""]
+    lines += table(["run", "generate s (prompt -> MP4)", "prompt wait s", "s/step", "peak GiB"], rows)
+    lines += table(["LoRA (rank %s, %s Linears, merged)" % (lora.get("rank"), lora.get("modules")), "value"], [
+        ["LoRA / no LoRA, per step", lora.get("lora_vs_no_lora_per_step")],
+        ["LoRA / no LoRA, 50-step video", lora.get("lora_vs_no_lora_generate")],
         ["switch between adapters (s)", lora.get("switch_s")],
         ["graphs compiled after the warm-up", lora.get("graphs_compiled_after_warm_up")],
-        ["fused / no LoRA, per step", fused.get("fused_vs_no_lora_per_step")],
-        ["fused switch: restore + merge (s)", fused.get("switch_s")],
-        ["fused: GPU memory for the kept base weights (GiB)", fused.get("extra_gpu_gib_for_kept_weights")],
+        ["host memory for the kept base weights (GiB)", lora.get("host_gib_for_base_weights")],
     ])
     return "\n".join(lines)
 
@@ -184,7 +160,7 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     run = FewStepLora(args)
     started = time.perf_counter()
-    run.text_encoder()
+    run.bench.prompt_encoder = run.text_encoder(torch.device("cpu"))
     for name in ("few_step", "lora"):
         run.bench.section(name, getattr(run, name))
     run.bench.results["wall_s"] = round(time.perf_counter() - started, 1)

@@ -148,7 +148,7 @@ class Bench:
         self.params = GenerationParams(prompt=PROMPT, sample_steps=args.steps, seed=42)
         self.reference_latents: torch.Tensor | None = None
         self.reference_step_s: float | None = None
-        self.cpu_prompts = None  # the umT5-XXL on the CPU in bf16, once the text section has built it
+        self.prompt_encoder = None  # the umT5-XXL run_ours encodes with: the text section's is on the CPU in bf16
         self.encode_thread = ThreadPoolExecutor(max_workers=1)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -172,8 +172,9 @@ class Bench:
         self.save()
         reset_memory()
 
-    def model(self, variant: str, two_gpus: bool = False, dit=None, vae=None, policy=MemoryPolicy.RESIDENT) -> VideoModel:
-        """A VideoModel in one of the benchmarked variants (see VARIANTS)."""
+    def model(self, variant: str, two_gpus: bool = False, dit=None, vae=None, policy=MemoryPolicy.RESIDENT,
+              adapters=None) -> VideoModel:
+        """A VideoModel in one of the benchmarked variants (see VARIANTS), serving LoRA `adapters` if given."""
         import pipeline.generator as generator_module
 
         attention, compiled, vae_dtype = VARIANTS[variant]
@@ -182,7 +183,7 @@ class Bench:
             generator_module.rearrange_blocks = lambda transformer: None
         try:
             model = VideoModel(dit if dit is not None else build_dit(), vae if vae is not None else build_vae(vae_dtype), DEVICE,
-                               policy, torch.device("cuda:1") if two_gpus else None, attention=attention)
+                               policy, torch.device("cuda:1") if two_gpus else None, attention=attention, adapters=adapters)
         finally:
             generator_module.rearrange_blocks = rearrange
         if variant == "fast_unshared":
@@ -233,23 +234,24 @@ class Bench:
             "decode_s": round(result.timings["decode"], 2),
             "mp4_write_after_decode_s": round(result.timings["mp4_write"], 2),
             "generate_s": round(total_s, 2),
-            "prompt_encode": "none" if self.cpu_prompts is None else "before" if prompt_first else "during",
+            "prompt_encode": "none" if self.prompt_encoder is None else "before" if prompt_first else "during",
+            "prompt_device": None if self.prompt_encoder is None else self.prompt_encoder.device.type,
             "prompt_wait_s": round(result.timings.get("prompt_wait", 0.0), 3),
             "peak_gib": round(result.peak_gpu_bytes / GIB, 2),
             "_latents": captured["latents"].to(DEVICE),
         }
 
     def encoding_prompt(self, first: bool):
-        """Starts the 40-token prompt's CPU encode (bf16, all cores, no cache: as TextEncoderCPU runs a new
-        prompt) and returns the call that waits for it, or with `first` the embeddings once it is done;
-        without the text section, the embeddings at once.
+        """Starts the 40-token prompt's encode by `prompt_encoder` (bf16, no cache: as a TextEncoder replica
+        runs a new prompt) and returns the call that waits for it, or with `first` the embeddings once it
+        is done; without an encoder, the embeddings at once.
 
         The benchmark's fixed embeddings stand in for the random umT5's output, so that every path's
-        latents stay comparable: the encode runs for its time, on the CPU.
+        latents stay comparable: the encode runs for its time, on its device.
         """
-        if self.cpu_prompts is None:
+        if self.prompt_encoder is None:
             return self.context
-        encoded = self.encode_thread.submit(self.cpu_prompts._run_encoder, [PROMPT[:39]])
+        encoded = self.encode_thread.submit(self.prompt_encoder._run_encoder, [PROMPT[:39]])
 
         def wait() -> torch.Tensor:
             encoded.result()
@@ -299,7 +301,7 @@ class Bench:
                     encoder._run_encoder([PROMPT[:39]])
                 out[f"cpu_{str(dtype)[6:]}_{threads}threads_s"] = round((time.perf_counter() - started) / 3, 3)
         torch.set_num_threads(os.cpu_count())
-        self.cpu_prompts = PromptEncoder(tokenizer, model.to(torch.bfloat16), torch.device("cpu"))
+        self.prompt_encoder = PromptEncoder(tokenizer, model.to(torch.bfloat16), torch.device("cpu"))
         cpu_times = {k: v for k, v in out.items() if k.startswith("cpu_")}
         best = min(cpu_times, key=cpu_times.get)
         out["cpu_fastest"] = best
