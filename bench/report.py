@@ -255,7 +255,7 @@ def history(manifest: dict) -> str:
                         entry.get("date"), rows)
     out += ["## Archive (superseded)", "",
             "Files in `bench/results/archive/`: earlier code, repeats on other cards, profiles behind decisions.", ""]
-    archived = sorted(ARCHIVE.glob("*.json"), key=lambda p: (re.search(r"\d{4}-\d{2}-\d{2}", p.name).group(0), p.name))
+    archived = sorted(ARCHIVE.rglob("*.json"), key=lambda p: (re.search(r"\d{4}-\d{2}-\d{2}", rel(p)).group(0), rel(p)))
     for path in archived:
         what = manifest["archived"].get(path.name) or load(path).get("note") or "(no description)"
         out += describe(path, what)

@@ -71,7 +71,7 @@ def test_after_the_warm_up_no_prompt_length_compiles_again(embeddings):
     """The replica's warm-up (`VideoModel.compile` with the expected shape) leaves no compile to a job:
     prompts and negative prompts of any length in either pass run graphs compiled at start-up (the
     context is always 512 rows). A context whose length followed the prompt once cost the first job
-    13 s (bench/results/service-h200-2026-12-02/README.md)."""
+    13 s (bench/results/archive/service-h200-2026-12-02/README.md)."""
     model = VideoModel(build_dit(), build_vae(torch.bfloat16), DEVICE, attention="flash3")
     model.compile(PARAMS)
     graphs = counters["stats"]["unique_graphs"]
