@@ -2,16 +2,21 @@
 /v1/models and /v1/config listing them, and bad names answered 4xx by field."""
 
 import json
+import re
+import subprocess
 
 import numpy as np
 import pytest
+from playwright.sync_api import expect
 from pydantic import ValidationError
 
 from conftest import deploy, tiny_args
 from deployments.app import AppArgs
 from pipeline.demo import build_transformer
 from pipeline.video import read_mp4
+from test_cli_client import wan_t2v
 from test_lora import random_adapter, saved
+from test_web import CHROMIUM, browser, generate, watched_page  # noqa: F401 (browser: the module-scoped fixture, one per module)
 from video_jobs import CHEAP
 
 PROMPT = {"prompt": "a paper boat on a pond", "seed": 7, **CHEAP}
@@ -91,3 +96,71 @@ def test_the_registry_is_checked_before_any_replica_starts(adapter_files, tmp_pa
     with pytest.raises(ValidationError, match=r"pins\.lora: 'motion' is not in loras \(served: style\)"):
         AppArgs(loras={"style": adapter_files["style"]}, pins={"lora": "motion"})
     assert AppArgs(loras={"style": adapter_files["style"]}, pins={"lora": "style", "lora_scale": 0.8}).pins.lora == "style"
+
+
+# -- the page and the `wan-t2v` client against the same app (no second deployment) --------------
+
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
+)
+CLI_CHEAP = [text for name, value in CHEAP.items() for text in (f"--{name}", str(value))]
+
+
+@pytest.fixture
+def lora_page(browser, lora_app):  # noqa: F811
+    """test_web's `page`, on the app that serves adapters."""
+    with watched_page(browser, lora_app.url) as page:
+        yield page
+
+
+@needs_chromium
+def test_the_page_offers_the_served_adapters_and_a_job_runs_with_the_chosen_one(lora_page, lora_app):
+    page = lora_page
+    expect(page.locator("#lora-fields")).to_be_visible()
+    options = page.locator("#lora option").evaluate_all("options => options.map(o => [o.value, o.textContent])")
+    assert options == [["", "无（基础模型）"], ["style", "style"], ["motion", "motion"]]
+    expect(page.locator("#lora")).to_have_value("")  # the base model unless one is chosen
+    expect(page.locator("#lora_scale")).to_have_value("1")
+
+    page.select_option("#lora", "style")
+    page.fill("#lora_scale", "0.5")
+    generate(page, "a paper boat on a pond", CHEAP["sample_steps"])
+    job_id = re.fullmatch(r"v1/videos/(video_[0-9a-f]{24})/content", page.locator("#download").get_attribute("href")).group(1)
+    with lora_app.client() as client:
+        job = client.get(f"/v1/videos/{job_id}").json()
+    assert (job["status"], job["parameters"]["lora"], job["parameters"]["lora_scale"]) == ("completed", "style", 0.5), job
+    expect(page.locator("#job-summary")).to_contain_text("LoRA style（强度 0.5）")
+    item = page.locator(f'#history [data-job-id="{job_id}"]')
+    expect(item.locator(".summary")).to_contain_text("LoRA style（强度 0.5）")
+
+    page.select_option("#lora", "")
+    item.get_by_role("button", name="用这些设置再次生成").click()
+    expect(page.locator("#lora")).to_have_value("style")  # the job's adapter comes back with its settings
+
+    page.click("#lang-toggle")
+    expect(page.locator('#lora option[value=""]')).to_have_text("None (base model)")
+    expect(page.locator("label[for=lora]")).to_have_text("LoRA adapter")
+    expect(page.locator("#job-summary")).to_contain_text("LoRA style (strength 0.5)")
+
+
+def test_wan_t2v_generate_uses_the_named_adapter(lora_app, tmp_path):
+    path = tmp_path / "boat.mp4"
+    process = wan_t2v(lora_app, "generate", PROMPT["prompt"], "--lora", "style", "--lora_scale", "0.5", *CLI_CHEAP,
+                      "-o", str(path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert f"saved: {path}" in out
+    frames, _ = read_mp4(path)
+    assert frames.shape == (CHEAP["frame_num"], 624, 624, 3)
+    with lora_app.client() as client:
+        job = client.get(f"/v1/videos/{out.splitlines()[0]}").json()
+    assert (job["status"], job["parameters"]["lora"], job["parameters"]["lora_scale"]) == ("completed", "style", 0.5), job
+
+
+def test_wan_t2v_generate_with_an_unknown_adapter_exits_2_with_the_servers_message(lora_app):
+    process = wan_t2v(lora_app, "generate", PROMPT["prompt"], "--lora", "watercolor", *CLI_CHEAP,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(timeout=60)
+    assert (process.returncode, out) == (2, "")  # refused at submission: no job id
+    assert "wan-t2v: error: lora: no adapter named 'watercolor'; allowed: " in err and "style, motion" in err, err
+    assert "Traceback" not in err

@@ -6,6 +6,7 @@ relative URLs throughout.
 
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -62,19 +63,27 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, web_app):
-    """A fresh browser context (so no remembered language) on the page; fails on any dialog or JS error."""
+@contextmanager
+def watched_page(browser, url: str):
+    """A fresh browser context (so no remembered language) on the page at `url`; fails on any dialog or JS error."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     problems = []
     page.on("dialog", lambda dialog: (problems.append(f"dialog fired: {dialog.message}"), dialog.dismiss()))
     page.on("pageerror", lambda error: problems.append(f"uncaught error: {error}"))
-    page.goto(f"{web_app.url}/")
-    expect(page.locator("#sample_steps")).to_be_visible(timeout=30_000)  # config read, form built
-    yield page
-    context.close()
+    try:
+        page.goto(f"{url}/")
+        expect(page.locator("#sample_steps")).to_be_visible(timeout=30_000)  # config read, form built
+        yield page
+    finally:
+        context.close()
     assert not problems
+
+
+@pytest.fixture
+def page(browser, web_app):
+    with watched_page(browser, web_app.url) as page:
+        yield page
 
 
 def generate(page, prompt: str, steps: int) -> list[str]:
@@ -130,6 +139,7 @@ def test_pinned_control_is_locked_at_the_server_value(page):
     expect(page.locator("#sample_guide_scale")).to_be_enabled()
     expect(page.locator("#sample_guide_scale")).to_have_value("6")
     expect(page.locator("#negative_prompt")).to_have_attribute("placeholder", DEFAULT_NEGATIVE_PROMPT)
+    expect(page.locator("#lora-fields")).to_be_hidden()  # this server serves no LoRA adapters
 
 
 def test_field_error_from_the_api_is_shown_next_to_its_field(page):
