@@ -91,20 +91,25 @@ class FewStepLora:
         self.baseline = bench.run_ours(self.model, bench.params)
         self.baseline.pop("_latents")
         out["unipc_50_steps_guidance_6"] = self.baseline
+        out.update(self.few_step_runs(""))
         cpu_encoder = bench.prompt_encoder
-        for suffix in ("", "_gpu_prompt"):
-            if suffix:  # loaded only now, so that the other runs' peaks are the generation's own
-                bench.prompt_encoder = self.text_encoder(torch.device("cuda"))
-                if bench.prompt_encoder is None:
-                    break
-            for name, update in FEW_STEP.items():
-                before = graphs_compiled()
-                run = bench.run_ours(self.model, bench.params.model_copy(update=update))
-                run.pop("_latents")
-                run["graphs_compiled"] = graphs_compiled() - before
-                out[name + suffix] = run
+        # The GPU encoder is loaded only now, so that the other runs' peaks are the generation's own.
+        bench.prompt_encoder = self.text_encoder(torch.device("cuda"))
+        if bench.prompt_encoder is not None:
+            out.update(self.few_step_runs("_gpu_prompt"))
         bench.prompt_encoder = cpu_encoder
         torch.cuda.empty_cache()
+        return out
+
+    def few_step_runs(self, suffix: str) -> dict:
+        """Each FEW_STEP run with the bench's current prompt encoder, named with `suffix`."""
+        out = {}
+        for name, update in FEW_STEP.items():
+            before = graphs_compiled()
+            run = self.bench.run_ours(self.model, self.bench.params.model_copy(update=update))
+            run.pop("_latents")
+            run["graphs_compiled"] = graphs_compiled() - before
+            out[name + suffix] = run
         return out
 
     def lora(self) -> dict:
