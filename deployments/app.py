@@ -19,7 +19,7 @@ from ray.serve.config import BackpressureConfig
 from deployments.admission import RETRY_AFTER_S
 from deployments.gateway import Gateway
 from deployments.generator import VideoGenerator
-from deployments.messages import GatewaySettings, GeneratorSettings, TextEncoderOptions
+from deployments.messages import GatewaySettings, GeneratorSettings, TeamSettings, TextEncoderOptions
 from deployments.precedence import ParamOverrides, resolve
 from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
@@ -57,6 +57,24 @@ class FaultInjection(Strict):
     every_nth_job: int = Field(default=1, ge=1)
 
 
+class ParallelOptions(Strict):
+    """generator.parallel: one video's DiT on several GPUs of one replica (pipeline/parallel.py).
+
+    The replica holds cfg × ulysses × ring GPUs, one process each; gpus_per_replica is that product.
+    """
+
+    cfg: Literal[1, 2] = 1  # 2: the guidance branches on two halves of the GPUs
+    ulysses: int = Field(default=1, ge=1)  # all-to-all over heads: must divide the model's heads (12 for 1.3B)
+    ring: int = Field(default=1, ge=1)  # keys and values gathered over this many token blocks: any degree
+    # How Ray places the replica's GPUs (its placement group): PACK fills one host where it can and
+    # spills to others; STRICT_PACK one host only; SPREAD / STRICT_SPREAD across hosts.
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+
 class GeneratorOptions(Strict):
     num_replicas: int = Field(default=1, ge=1)
     autoscaling_config: dict[str, Any] | None = None
@@ -79,6 +97,8 @@ class GeneratorOptions(Strict):
     # CFG-parallel: each replica holds two GPUs and runs the unconditional branch on the second.
     cfg_parallel: bool = False
     step_cache: StepCacheOptions | None = None
+    # One video on several GPUs: e.g. {cfg: 2, ulysses: 4} on 8. Replicas then hold that many GPUs each.
+    parallel: ParallelOptions | None = None
     fault_injection: FaultInjection | None = None
 
     @field_validator("autoscaling_config")
@@ -103,6 +123,21 @@ class GeneratorOptions(Strict):
             raise ValueError("cfg_parallel keeps both DiT copies resident: use memory_policy resident")
         if self.step_cache is not None and self.compile:
             raise ValueError(f"generator: {STEP_CACHE_NOT_COMPILABLE}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_gpu_per_rank(self) -> GeneratorOptions:
+        if self.parallel is None:
+            return self
+        world = self.parallel.world_size
+        if self.gpus_per_replica not in ("auto", 0, world):
+            raise ValueError(f"generator.parallel runs {world} processes (cfg {self.parallel.cfg} × ulysses {self.parallel.ulysses} × "
+                             f"ring {self.parallel.ring}), one GPU each: gpus_per_replica must be {world}, 'auto', or 0 for CPUs")
+        for clash, why in ((self.cfg_parallel, "cfg_parallel: use parallel.cfg: 2 instead"),
+                           (self.memory_policy is not MemoryPolicy.RESIDENT, "memory_policy other than resident"),
+                           (self.step_cache is not None, "step_cache")):
+            if clash:
+                raise ValueError(f"generator.parallel does not combine with {why}")
         return self
 
 
@@ -246,6 +281,14 @@ def build(args: AppArgs) -> serve.Application:
         policy = MemoryPolicy.from_offload_flag(args.pins.offload_model)
     gpus = generator_gpus(gen.gpus_per_replica)
     scaling = {"autoscaling_config": gen.autoscaling_config} if gen.autoscaling_config else {"num_replicas": gen.num_replicas}
+    team = None
+    if gen.parallel is not None:
+        gpus = 1.0 if gpus > 0 else 0.0  # per rank: the replica is rank 0, in its placement group's first bundle
+        team = TeamSettings(cfg=gen.parallel.cfg, ulysses=gen.parallel.ulysses, ring=gen.parallel.ring,
+                            num_cpus=gen.num_cpus, num_gpus=gpus)
+        bundle = {"CPU": gen.num_cpus, **({"GPU": gpus} if gpus else {})}
+        scaling.update(placement_group_bundles=[bundle] * gen.parallel.world_size,
+                       placement_group_strategy=gen.parallel.placement_strategy)
     generator = VideoGenerator.options(
         ray_actor_options={"num_cpus": gen.num_cpus, "num_gpus": gpus}, **scaling
     ).bind(source, GeneratorSettings(
@@ -259,6 +302,7 @@ def build(args: AppArgs) -> serve.Application:
         fault_injection=gen.fault_injection.model_dump() if gen.fault_injection else None,
         compile_cache_dir=str(Path(gen.compile_cache_dir).expanduser().resolve() if gen.compile_cache_dir else output_dir / "compile-cache"),
         loras=args.loras,
+        team=team,
     ))
 
     max_generators = (gen.autoscaling_config or {}).get("max_replicas", gen.num_replicas)

@@ -24,6 +24,7 @@ from ray import serve
 from deployments.faults import OutOfMemoryInjector, freeing_memory_on_oom
 from deployments.messages import EncodedText, GenerateJob, GenerationOutput, GeneratorSettings, ProgressEvent
 from deployments.metrics import GeneratorMetrics
+from deployments.team import WorkerTeam
 from pipeline.loading import ModelSource, parse_dtype
 from pipeline.memory import MemoryPolicy
 from pipeline.params import GenerationParams
@@ -40,29 +41,16 @@ class VideoGenerator:
         `settings.fault_injection`: OutOfMemoryInjector's arguments, for tests and drills only.
         """
         self.startup = StartupPhases()
-        with self.startup.phase("import"):
-            # here, not at the top: `serve run`'s app builder imports this module, and diffusers'
-            # import (seconds) would delay every replica's start
-            from pipeline.generator import VideoModel
-        device = settings.device
-        if device == "cuda" and not torch.cuda.is_available():
-            log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
-            device = "cpu"
-        uncond_device = None
-        if settings.cfg_parallel:
-            if device == "cuda" and torch.cuda.device_count() >= 2:
-                uncond_device = torch.device("cuda:1")
-            else:
-                log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
-        self.default_policy = MemoryPolicy(settings.memory_policy)
-        self.model = VideoModel.load(source, torch.device(device), self.default_policy, parse_dtype(settings.vae_dtype),
-                                    uncond_device, settings.attention, self.startup, settings.loras)
-        if settings.step_cache is not None:
-            self.model.enable_step_cache(settings.step_cache["kind"], **settings.step_cache["options"])
-        if settings.compile_for is not None:
-            warm = GenerationParams(prompt="warm-up", **{k: v for k, v in settings.compile_for.items() if k in ("size", "frame_num")})
-            seconds = self.model.compile(warm, settings.compile_cache_dir, self.startup)
-            log.info("compiled DiT blocks and VAE norms, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, seconds)
+        # Started first: the workers load their copies of the model while this replica loads its own.
+        self.team = WorkerTeam(source, settings) if settings.team is not None else None
+        self.model = load_model(source, settings, self.startup)
+        if self.team is None:
+            warm_up(self.model, settings, self.startup)
+        else:
+            with self.startup.phase("join_team"):
+                self.team.together(lambda: self.model.split_across(self.team.join(self.model.device)), "join")
+            self.team.together(lambda: warm_up(self.model, settings, self.startup), "warm_up")
+            self.team.ready()
         # One generation at a time per replica, also while a cancelled one finishes its current step.
         self._running = threading.Lock()
         self.faults = OutOfMemoryInjector(**settings.fault_injection) if settings.fault_injection else None
@@ -100,11 +88,14 @@ class VideoGenerator:
                     return prompt[0].embeddings
 
                 with tempfile.TemporaryDirectory(prefix="wan-t2v-") as folder:
-                    result = freeing_memory_on_oom(
-                        lambda: self.model.generate(params, prompt_embeddings, negative.embeddings,
-                                                    on_progress, cancelled.is_set, video_path=Path(folder) / "video.mp4"),
-                        self.model.device,
-                    )
+                    def video():
+                        return self.model.generate(params, prompt_embeddings, negative.embeddings,
+                                                   on_progress, cancelled.is_set, video_path=Path(folder) / "video.mp4")
+
+                    if self.team is not None:  # the workers denoise the same job in step
+                        result = freeing_memory_on_oom(lambda: self.team.together(video, "run", job), self.model.device)
+                    else:
+                        result = freeing_memory_on_oom(video, self.model.device)
                     mp4 = result.video_path.read_bytes()
                 log.info("generated %d frames at %s, %d steps, in %.1fs", result.frames.shape[0], params.size, params.sample_steps, sum(result.timings.values()))
                 # The encoders' own times and every wait for them: the gateway never fetches the
@@ -142,7 +133,45 @@ class VideoGenerator:
             "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()],
             "busy": self._running.locked(),
             "startup": self.startup.report(),
+            "team": None if self.team is None else self.team.describe(),
         }
+
+    async def check_health(self) -> None:
+        """Serve's health check: a replica whose team lost a worker is replaced, workers and all."""
+        if self.team is not None:
+            await self.team.check()
+
+
+def load_model(source: ModelSource, settings: GeneratorSettings, startup: StartupPhases):
+    """The replica's VideoModel (also each team worker's), loaded and placed on the device `settings` name."""
+    with startup.phase("import"):
+        # here, not at the top: `serve run`'s app builder imports this module, and diffusers'
+        # import (seconds) would delay every replica's start
+        from pipeline.generator import VideoModel
+    device = settings.device
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("VideoGenerator was placed for a GPU but sees no CUDA device; running on the CPU")
+        device = "cpu"
+    uncond_device = None
+    if settings.cfg_parallel:
+        if device == "cuda" and torch.cuda.device_count() >= 2:
+            uncond_device = torch.device("cuda:1")
+        else:
+            log.warning("cfg_parallel asked for, but fewer than two CUDA devices are visible: one device runs both branches")
+    model = VideoModel.load(source, torch.device(device), MemoryPolicy(settings.memory_policy), parse_dtype(settings.vae_dtype),
+                            uncond_device, settings.attention, startup, settings.loras)
+    if settings.step_cache is not None:
+        model.enable_step_cache(settings.step_cache["kind"], **settings.step_cache["options"])
+    return model
+
+
+def warm_up(model, settings: GeneratorSettings, startup: StartupPhases) -> None:
+    """Compile and warm for the operator's size and frame count, when `settings` asks for compiled blocks."""
+    if settings.compile_for is None:
+        return
+    warm = GenerationParams(prompt="warm-up", **{k: v for k, v in settings.compile_for.items() if k in ("size", "frame_num")})
+    seconds = model.compile(warm, settings.compile_cache_dir, startup)
+    log.info("compiled DiT blocks and VAE norms, warmed for %s x %d frames in %.1fs", warm.size, warm.frame_num, seconds)
 
 
 def _encoded(encoded: ray.ObjectRef) -> EncodedText:

@@ -37,6 +37,16 @@ class TextEncoderOptions(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
 
 
+class TeamSettings(Message):
+    """generator.parallel, resolved: the layout of one replica's processes and what each rank reserves."""
+
+    cfg: int
+    ulysses: int
+    ring: int
+    num_cpus: float
+    num_gpus: float  # 1 per rank on GPUs, 0 on CPUs
+
+
 class GeneratorSettings(Message):
     """VideoGenerator's bind options, resolved by the app builder from the YAML."""
 
@@ -50,6 +60,7 @@ class GeneratorSettings(Message):
     fault_injection: dict[str, Any] | None = None
     compile_cache_dir: str | None = None
     loras: dict[str, str] = {}  # served LoRA adapters: name -> file or folder
+    team: TeamSettings | None = None  # one video on several processes (deployments/team.py)
 
 
 class GatewaySettings(Message):

@@ -41,6 +41,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from pipeline.diffusers_compat import attention_backend_of, replace_processor, swap_class
+from pipeline.parallel import sequence_parallel_attention
 from pipeline.text import pad_context
 from pipeline.torch_compat import addmm_gelu
 
@@ -71,7 +72,13 @@ class GeluInEpilogue(GELU):
 
 
 class HalvesRopeProcessor(WanAttnProcessor):
-    """Wan's self-attention for heads whose dimensions are stored (evens, odds): see `deinterleave_rope`."""
+    """Wan's self-attention for heads whose dimensions are stored (evens, odds): see `deinterleave_rope`.
+
+    With `split_sequence` (set by `pipeline.parallel.split_sequence`) the tokens are one rank's shard,
+    and attention spans the whole team's sequence.
+    """
+
+    split_sequence = False
 
     def __call__(self, attn: WanAttention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -81,8 +88,11 @@ class HalvesRopeProcessor(WanAttnProcessor):
         # diffusers' tables repeat each frequency for the two members of a pair: one of each is enough.
         cos, sin = rotary_emb[0][..., 0::2], rotary_emb[1][..., 1::2]  # [1, L, 1, head_dim / 2]
         query, key = rotate_halves(query, cos, sin), rotate_halves(key, cos, sin)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                    backend=attention_backend_of(self))
+        if self.split_sequence:
+            out = sequence_parallel_attention(query, key, value, attention_backend_of(self).value)
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                        backend=attention_backend_of(self))
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
 
 

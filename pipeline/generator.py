@@ -7,6 +7,7 @@ caller passes real-token embeddings and this module pads them to the DiT's 512-t
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pipeline.dit import rearrange_blocks, text_context
 from pipeline.loading import ModelSource, load_transformer, load_vae
 from pipeline.lora import ServedAdapters, load_lora_state_dict
 from pipeline.memory import MemoryPolicy, PlacedModels
+from pipeline.parallel import ParallelGroups, split_sequence
 from pipeline.params import GenerationParams
 from pipeline.sampler import CancelCheck, DenoiseRequest, GenerationCancelled, ProgressCallback, denoise
 from pipeline.startup import StartupPhases
@@ -81,9 +83,18 @@ class VideoModel:
             self.uncond_transformer = copy.deepcopy(transformer).to(uncond_device)
             if self.adapters is not None:
                 self.adapters.attach_copy(self.uncond_transformer)
+        self.team: ParallelGroups | None = None
         self.step_cache: str | None = None
         self.compiled = False
         self._compiled_shapes: set[tuple[int, int, int]] = set()  # (frames, height, width) seen since compile()
+
+    def split_across(self, team: ParallelGroups) -> None:
+        """Run each video's DiT forwards on `team`: this process computes its rank's share
+        (`pipeline.parallel`); every rank of the team must call `generate` or `follow` for each job."""
+        if self.uncond_transformer is not None or self.models.policy is not MemoryPolicy.RESIDENT or self.step_cache is not None:
+            raise ValueError("a parallel team runs the DiT resident, without a CFG-parallel copy or a step cache")
+        split_sequence(self.models.transformer, team)
+        self.team = team
 
     def enable_step_cache(self, kind: str, **options) -> None:
         """Opt-in step caching through diffusers' cache hooks; approximate, so off unless asked for."""
@@ -184,6 +195,7 @@ class VideoModel:
                    for name, model in (("transformer", self.models.transformer), ("vae", self.models.vae))}
         settings = {"inductor": INDUCTOR_OPTIONS, "attention": self.attention, "vae_dtype": str(self.models.vae.dtype),
                     "policy": self.policy.value, "cfg_parallel": self.uncond_transformer is not None,
+                    "parallel": None if self.team is None else [self.team.layout.describe(), self.team.rank],
                     "warm": None if warm_params is None else [warm_params.size, warm_params.frame_num]}
         return cache_key(self.device, configs, settings)
 
@@ -222,12 +234,7 @@ class VideoModel:
             timings["prompt_wait"] = time.perf_counter() - started
             return self._text_context("context", embeds)
 
-        if params.lora and self.adapters is None:
-            raise ValueError(f"lora {params.lora!r} asked for, but this model serves no LoRA adapters")
-        if self.adapters is not None:
-            started = time.perf_counter()
-            self.adapters.use(params.lora or None, params.lora_scale)
-            timings["lora_switch"] = time.perf_counter() - started
+        self._use_adapter(params, timings)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -261,6 +268,27 @@ class VideoModel:
         return GenerationResult(frames=frames, seed=params.seed, timings=timings, peak_gpu_bytes=peak,
                                 video_path=writer.path if writer else None)
 
+    def follow(self, params: GenerationParams, context: torch.Tensor | Callable[[], torch.Tensor], negative_context: torch.Tensor) -> None:
+        """A team rank's part of the job that rank 0 runs with `generate`: the denoising, in step with it.
+
+        Rank 0 alone decodes and reports progress; it also decides, for every rank, whether the job stops.
+        """
+        if self.team is None or self.team.rank == 0:
+            raise ValueError("follow() is for ranks 1 and up of a parallel team; rank 0 calls generate()")
+        self._use_adapter(params, {})
+        if callable(context):
+            self._denoise(params, lambda: self._text_context("context", context()), negative_context)
+        else:
+            self._denoise(params, self._text_context("context", context), negative_context)
+
+    def _use_adapter(self, params: GenerationParams, timings: dict[str, float]) -> None:
+        if params.lora and self.adapters is None:
+            raise ValueError(f"lora {params.lora!r} asked for, but this model serves no LoRA adapters")
+        if self.adapters is not None:
+            started = time.perf_counter()
+            self.adapters.use(params.lora or None, params.lora_scale)
+            timings["lora_switch"] = time.perf_counter() - started
+
     def _denoise(self, params: GenerationParams, context: torch.Tensor | Callable[[], torch.Tensor],
                  negative_embeds: torch.Tensor, on_progress: ProgressCallback | None = None,
                  should_cancel: CancelCheck | None = None) -> torch.Tensor:
@@ -285,9 +313,11 @@ class VideoModel:
         # that one generation runs its two branches one after the other.
         shape = (params.frame_num, params.height, params.width)
         compiles = self.compiled and shape not in self._compiled_shapes
+        if self.team is not None:  # every rank stops at the same step: rank 0's decision
+            should_cancel = functools.partial(self.team.agree_with_rank0, should_cancel)
         with self.models.denoising():
             latents = denoise(self.models.transformer, request, self.device, on_progress, should_cancel,
-                              self.uncond_transformer, branches_in_parallel=not compiles)
+                              self.uncond_transformer, branches_in_parallel=not compiles, team=self.team)
         if self.uncond_transformer is None or request.guide_scale > 1.0:  # else the copy did not compile
             self._compiled_shapes.add(shape)
         return latents

@@ -22,6 +22,7 @@ import contextlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -146,6 +147,15 @@ def dmd_schedule(timesteps: list[int], device: torch.device, generator: torch.Ge
     return Schedule(torch.tensor(timesteps, dtype=torch.int64, device=device), step)
 
 
+class BranchTeam(Protocol):
+    """Processes that share guidance's two passes (`pipeline.parallel.ParallelGroups`)."""
+
+    branch: str | None  # "cond" or "uncond": the pass this process runs; None: both
+
+    def exchange_branches(self, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's prediction -> (unconditional, conditional), the same in every process."""
+
+
 # The prompt's context, or a call that waits for it (made when the first conditional pass needs it).
 PendingContext = torch.Tensor | Callable[[], torch.Tensor]
 
@@ -192,12 +202,15 @@ def denoise(
     should_cancel: CancelCheck | None = None,
     uncond_transformer=None,
     branches_in_parallel: bool = True,
+    team: BranchTeam | None = None,
 ) -> torch.Tensor:
     """Run the sampler and return the final float32 latents [1, 16, T, H/8, W/8].
 
     `uncond_transformer`: a copy of the DiT on a second GPU; the unconditional pass then runs there,
     from its own thread, at the same time as the conditional one (CFG-parallel, same output), unless
     `branches_in_parallel` is off: then one thread runs both, one after the other.
+    `team`: this process is one rank of a team that splits guidance across processes
+    (`pipeline.parallel`); the rank runs only its `branch` and swaps predictions with the other half.
     """
     dtype = transformer.dtype
     generator = torch.Generator(device=device).manual_seed(request.seed)
@@ -208,6 +221,8 @@ def denoise(
         uncond_model = uncond_transformer if uncond_transformer is not None else transformer
         uncond_device = next(uncond_model.parameters()).device if uncond_transformer is not None else device
         predict_uncond = _dit_pass(uncond_model, "uncond", request.negative_context, uncond_device, dtype)
+    across_team = team is not None and team.branch is not None and use_guidance
+    own_pass = (predict_uncond if team.branch == "uncond" else predict_cond) if across_team else None
     in_parallel = uncond_transformer is not None and use_guidance and branches_in_parallel
     side_thread = ThreadPoolExecutor(max_workers=1) if in_parallel else None
 
@@ -220,7 +235,9 @@ def denoise(
             timestep = t.expand(latents.shape[0])
             # The official DiT returns float32, so guidance is computed in float32.
             with guidance_step(transformer) as second_pass:  # block 0's self-attention, once for both passes
-                if side_thread is not None:
+                if own_pass is not None:
+                    noise_uncond, noise_pred = (p.float() for p in team.exchange_branches(own_pass(model_input, timestep)))
+                elif side_thread is not None:
                     # Copied from this thread (a copy runs on the source GPU's stream): queued from the side
                     # thread, it could land behind the conditional pass's first kernels.
                     uncond_future = side_thread.submit(predict_uncond, model_input.to(uncond_device), timestep.to(uncond_device))
@@ -230,7 +247,8 @@ def denoise(
                     _stop_if_cancelled(should_cancel, f"during step {i + 1} of {request.steps}")
                     if uncond_model is transformer:  # (a CFG-parallel copy, run in turn while it compiles, keeps nothing)
                         second_pass()
-                noise_pred = predict_cond(model_input, timestep).float()
+                if own_pass is None:
+                    noise_pred = predict_cond(model_input, timestep).float()
                 if side_thread is not None:
                     noise_uncond = uncond_future.result().to(device).float()
             if use_guidance:
