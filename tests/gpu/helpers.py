@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gc
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+import pipeline.generator
 from pipeline.attention import flash3_unavailable_reason
 from pipeline.original import bundled_config
 
@@ -52,3 +54,17 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 def free_gpu_memory() -> None:
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def final_latents(model, params, embeddings) -> torch.Tensor:
+    """One generation through VideoModel.generate, its latents taken where the decode would start."""
+    captured = []
+
+    def keep_latents(vae, latents, on_frames=None):
+        captured.append(latents.float().cpu())
+        return np.zeros((0, params.height, params.width, 3), np.uint8)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.generator, "decode_latents", keep_latents)
+        model.generate(params, *embeddings)
+    return captured[0]

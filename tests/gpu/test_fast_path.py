@@ -9,16 +9,14 @@ frame count). The VAE decode is left out: it does not touch the latents (test_de
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import pipeline.generator
 from pipeline.generator import VideoModel
 from pipeline.params import GenerationParams
 
-from .helpers import DEVICE, build_dit, build_vae, relative_error, requires_flash3
+from .helpers import DEVICE, build_dit, build_vae, final_latents, relative_error, requires_flash3
 
 pytestmark = requires_flash3
 
@@ -42,25 +40,11 @@ def models() -> tuple[VideoModel, VideoModel]:
     return reference, fast
 
 
-def final_latents(model: VideoModel, embeddings) -> torch.Tensor:
-    """One generation through VideoModel.generate, its latents taken where the decode would start."""
-    captured = []
-
-    def keep_latents(vae, latents, on_frames=None):
-        captured.append(latents.float().cpu())
-        return np.zeros((0, PARAMS.height, PARAMS.width, 3), np.uint8)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline.generator, "decode_latents", keep_latents)
-        model.generate(PARAMS, *embeddings)
-    return captured[0]
-
-
 def test_fast_path_final_latents_match_the_reference_path(models, embeddings):
     reference, fast = models
-    expected = final_latents(reference, embeddings)
+    expected = final_latents(reference, PARAMS, embeddings)
     graphs = counters["stats"]["unique_graphs"]
-    got = final_latents(fast, embeddings)
+    got = final_latents(fast, PARAMS, embeddings)
     assert counters["stats"]["unique_graphs"] > graphs, "the fast path ran no compiled graph"
     assert got.shape == expected.shape == (1, 16, 5, 60, 104)
     error = relative_error(got, expected)
