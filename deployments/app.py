@@ -25,8 +25,9 @@ from deployments.security import SecurityPolicy, load_api_keys
 from deployments.text_encoder import TextEncoder
 from pipeline.attention import AttentionKernel
 from pipeline.compile_cache import STEP_CACHE_NOT_COMPILABLE
-from pipeline.loading import resolve_model_source
+from pipeline.loading import attention_heads, resolve_model_source
 from pipeline.memory import MemoryPolicy
+from pipeline.parallel import ParallelLayout
 from pipeline.params import ADAPTER_NAME
 
 log = logging.getLogger("wan_t2v.app")
@@ -283,6 +284,9 @@ def build(args: AppArgs) -> serve.Application:
     scaling = {"autoscaling_config": gen.autoscaling_config} if gen.autoscaling_config else {"num_replicas": gen.num_replicas}
     team = None
     if gen.parallel is not None:
+        heads = attention_heads(source)
+        if heads is not None:  # else each replica checks at its start
+            ParallelLayout(gen.parallel.cfg, gen.parallel.ulysses, gen.parallel.ring).check_heads(heads)
         gpus = 1.0 if gpus > 0 else 0.0  # per rank: the replica is rank 0, in its placement group's first bundle
         team = TeamSettings(cfg=gen.parallel.cfg, ulysses=gen.parallel.ulysses, ring=gen.parallel.ring,
                             num_cpus=gen.num_cpus, num_gpus=gpus)

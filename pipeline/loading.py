@@ -7,6 +7,7 @@ the video stage then load only their components from it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -172,6 +173,16 @@ def load_text_encoder(source: ModelSource, device: torch.device, dtype: torch.dt
     tokenizer = AutoTokenizer.from_pretrained(source.folder / "tokenizer")
     encoder = UMT5EncoderModel.from_pretrained(source.folder / "text_encoder", dtype=dtype)
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def attention_heads(source: ModelSource) -> int | None:
+    """The DiT's attention heads, from its config file alone (the app builder checks a Ulysses degree
+    against them before any replica starts); None where the folder is not on this machine."""
+    config = source.folder / ORIGINAL_FILES[0] if source.layout == "original" else source.folder / "transformer" / "config.json"
+    if not config.is_file():
+        return None
+    found = json.loads(config.read_text())
+    return found.get("num_heads" if source.layout == "original" else "num_attention_heads")
 
 
 def load_transformer(source: ModelSource, dtype: torch.dtype):

@@ -206,3 +206,11 @@ def test_a_parallel_setting_that_cannot_run_is_refused_by_name(tmp_path):
         AppArgs(**tiny_args(tmp_path, generator={"gpus_per_replica": 4, "parallel": {"cfg": 2, "ulysses": 4}}))
     with pytest.raises(ValidationError, match="does not combine with cfg_parallel"):
         AppArgs(**tiny_args(tmp_path, generator={"gpus_per_replica": 2, "cfg_parallel": True, "parallel": {"ulysses": 2}}))
+
+
+def test_a_ulysses_degree_the_model_cannot_take_fails_the_build_naming_the_allowed_degrees(tmp_path):
+    """The demo model has 2 heads: ulysses 4 is refused before any replica starts."""
+    from deployments.app import build
+
+    with pytest.raises(ValueError, match=r"ulysses = 4 does not divide the model's 2 attention heads; allowed: 1, 2"):
+        build(tiny_args(tmp_path, generator={"parallel": {"ulysses": 4}}))
