@@ -136,6 +136,7 @@ class GeneratorOptions(Strict):
                              f"ring {self.parallel.ring}), one GPU each: gpus_per_replica must be {world}, 'auto', or 0 for CPUs")
         for clash, why in ((self.cfg_parallel, "cfg_parallel: use parallel.cfg: 2 instead"),
                            (self.memory_policy is not MemoryPolicy.RESIDENT, "memory_policy other than resident"),
+                           (self.honor_request_offload, "honor_request_offload (every rank keeps its DiT resident)"),
                            (self.step_cache is not None, "step_cache")):
             if clash:
                 raise ValueError(f"generator.parallel does not combine with {why}")
