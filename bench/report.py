@@ -204,6 +204,12 @@ def headline(path: Path) -> str:
             f"warm {times['warm']['seconds']} s"
             for name, times in run["parts"].items()
         )
+    if "layouts" in run:  # bench/sequence_parallel.py
+        return "; ".join(
+            f"{name} ({record['world_size']} GPU) " + (f"{record['video_s']} s, {record.get('time_vs_one_gpu', 1.0)}× one GPU"
+                                                        if "video_s" in record else record.get("error", "no video"))
+            for name, record in run["layouts"].items()
+        ) + (f"; not run: {', '.join(run['not_run'])}" if run.get("not_run") else "")
     if all(key.isdigit() for key in run):  # encoder threads
         return "; ".join(f"{threads} threads {statistics.median(t['seconds']):.2f} s" for threads, t in run.items())
     figures = walk(run)

@@ -26,6 +26,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from deployments.messages import GenerateJob, GeneratorSettings, TeamSettings
+from deployments.replica_model import load_model, warm_up
 from pipeline.loading import ModelSource
 from pipeline.startup import StartupPhases
 
@@ -50,8 +51,6 @@ class TeamWorker:
     """Rank 1 and up of a replica's team: its own copy of the DiT on its own GPU."""
 
     def __init__(self, source: ModelSource, settings: GeneratorSettings, rank: int, address: str):
-        from deployments.generator import load_model
-
         self.settings, self.rank, self.address = settings, rank, address
         self.startup = StartupPhases()
         self.model = load_model(source, settings, self.startup)
@@ -62,8 +61,6 @@ class TeamWorker:
         self.model.split_across(join(layout_of(self.settings.team), self.rank, self.address, self.model.device))
 
     def warm_up(self) -> None:
-        from deployments.generator import warm_up
-
         warm_up(self.model, self.settings, self.startup)
         self.startup.done()
 
