@@ -27,7 +27,10 @@ LONG_FLAGS = [text for name, value in LONG_JOB.items() if name != "prompt" for t
 
 
 def wan_t2v(app, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([WAN_T2V, "--url", app.url, *args], text=True, **popen)
+    """The installed CLI in a child process, with Ctrl-C's default meaning: a test run from a background
+    shell job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    return subprocess.Popen([WAN_T2V, "--url", app.url, *args], text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
 
 
 def run_in_process(capsys, app, *args: str) -> tuple[int, str, str]:
@@ -130,7 +133,8 @@ def test_cancel_stops_a_running_job_and_never_touches_a_finished_one(capsys, mon
 def test_ctrl_c_during_generate_asks_whether_to_cancel_the_job(tiny_app, tmp_path, answer, after):
     stderr_path = tmp_path / "stderr"
     with stderr_path.open("w") as stderr:
-        process = wan_t2v(tiny_app, "generate", LONG_JOB["prompt"], *LONG_FLAGS, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        process = wan_t2v(tiny_app, "generate", LONG_JOB["prompt"], *LONG_FLAGS, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                          cwd=tmp_path)  # where a job that was not stopped would save its video
     job_id = process.stdout.readline().strip()
     wait_for(lambda: "denoise" in stderr_path.read_text(), what="the progress bar in denoise")
     process.send_signal(signal.SIGINT)
