@@ -232,8 +232,8 @@ def join(layout: ParallelLayout, rank: int, address: str, device: torch.device) 
     """Join the team at `address` (tcp://host:port, rank 0's) as `rank`; every rank calls this at the same time."""
     global _team
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    if device.type == "cuda":  # NCCL's communicators bind to the current GPU; a bare "cuda" means that one
+        torch.cuda.set_device(device if device.index is not None else torch.cuda.current_device())
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=layout.world_size, timeout=COLLECTIVE_TIMEOUT)
     _team = ParallelGroups(layout, rank, device)
     log.info("joined a %s team at %s as rank %d of %d (%s)", backend, address, rank, layout.world_size, layout.describe())
