@@ -35,6 +35,7 @@ import yaml
 
 from service_gpu import HTTP_TIMEOUT, PROMPT, device_name, end_leftovers, launch, log, stop_service, versions, wait_ready
 
+from pipeline.parallel import ParallelLayout
 from pipeline.video import read_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,7 @@ TWO_REPLICAS_TARGET = 1.9  # videos per hour, two replicas / one
 def world_size(layout: str) -> int:
     if layout == "two_replicas":
         return 2
-    parallel = LAYOUTS[layout] or {}
-    return parallel.get("cfg", 1) * parallel.get("ulysses", 1) * parallel.get("ring", 1)
+    return ParallelLayout(**(LAYOUTS[layout] or {})).world_size
 
 
 def layout_config(layout: str, base: Path, folder: Path) -> Path:

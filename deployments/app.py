@@ -72,8 +72,8 @@ class ParallelOptions(Strict):
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
     @property
-    def world_size(self) -> int:
-        return self.cfg * self.ulysses * self.ring
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(self.cfg, self.ulysses, self.ring)
 
 
 class GeneratorOptions(Strict):
@@ -130,7 +130,7 @@ class GeneratorOptions(Strict):
     def _one_gpu_per_rank(self) -> GeneratorOptions:
         if self.parallel is None:
             return self
-        world = self.parallel.world_size
+        world = self.parallel.layout.world_size
         if self.gpus_per_replica not in ("auto", 0, world):
             raise ValueError(f"generator.parallel runs {world} processes (cfg {self.parallel.cfg} × ulysses {self.parallel.ulysses} × "
                              f"ring {self.parallel.ring}), one GPU each: gpus_per_replica must be {world}, 'auto', or 0 for CPUs")
@@ -287,12 +287,12 @@ def build(args: AppArgs) -> serve.Application:
     if gen.parallel is not None:
         heads = attention_heads(source)
         if heads is not None:  # else each replica checks at its start
-            ParallelLayout(gen.parallel.cfg, gen.parallel.ulysses, gen.parallel.ring).check_heads(heads)
+            gen.parallel.layout.check_heads(heads)
         gpus = 1.0 if gpus > 0 else 0.0  # per rank: the replica is rank 0, in its placement group's first bundle
         team = TeamSettings(cfg=gen.parallel.cfg, ulysses=gen.parallel.ulysses, ring=gen.parallel.ring,
                             num_cpus=gen.num_cpus, num_gpus=gpus)
         bundle = {"CPU": gen.num_cpus, **({"GPU": gpus} if gpus else {})}
-        scaling.update(placement_group_bundles=[bundle] * gen.parallel.world_size,
+        scaling.update(placement_group_bundles=[bundle] * gen.parallel.layout.world_size,
                        placement_group_strategy=gen.parallel.placement_strategy)
     generator = VideoGenerator.options(
         ray_actor_options={"num_cpus": gen.num_cpus, "num_gpus": gpus}, **scaling

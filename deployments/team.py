@@ -28,6 +28,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from deployments.messages import GenerateJob, GeneratorSettings, TeamSettings
 from deployments.replica_model import load_model, warm_up
 from pipeline.loading import ModelSource
+from pipeline.parallel import ParallelLayout, join
 from pipeline.startup import StartupPhases
 
 log = logging.getLogger("ray.serve")
@@ -40,9 +41,7 @@ IN_STEP_S = 60.0
 PING_TIMEOUT_S = 10.0
 
 
-def layout_of(team: TeamSettings):
-    from pipeline.parallel import ParallelLayout
-
+def layout_of(team: TeamSettings) -> ParallelLayout:
     return ParallelLayout(cfg=team.cfg, ulysses=team.ulysses, ring=team.ring)
 
 
@@ -56,8 +55,6 @@ class TeamWorker:
         self.model = load_model(source, settings, self.startup)
 
     def join(self) -> None:
-        from pipeline.parallel import join
-
         self.model.split_across(join(layout_of(self.settings.team), self.rank, self.address, self.model.device))
 
     def warm_up(self) -> None:
@@ -96,8 +93,6 @@ class WorkerTeam:
 
     def join(self, device):
         """Join the process group as rank 0 (in `together` with the workers' `join`)."""
-        from pipeline.parallel import join
-
         return join(self.layout, 0, self.address, device)
 
     def together(self, own: Callable[[], T], method: str, *args) -> T:

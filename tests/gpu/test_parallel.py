@@ -8,11 +8,11 @@ tolerance test_fast_path.py uses for bf16 rounding.
 """
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch._dynamo.utils import counters
 
 from pipeline.generator import VideoModel
@@ -28,9 +28,7 @@ TOLERANCE = 0.03  # as tests/gpu/test_fast_path.py: bf16 rounding carried throug
 
 
 def free_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def test_a_one_rank_team_runs_the_compiled_fast_path_to_its_latents(embeddings):
